@@ -1,0 +1,49 @@
+"""Load something that generates samples: an embedded teacher, a weights file, or a run checkpoint.
+
+``spec`` is one of
+  ``teacher:<name>``                    an embedded teacher (``teacher:mnist``);
+  ``path/to/weights.pt``                a weights file written by a recipe's ``export``;
+  ``path/to/run/checkpoints/x.ckpt``    a Lightning checkpoint of a run; the run's ``config.yaml``
+                                        (two folders up) names the module class, and the module's
+                                        ``generator_denoiser()`` and ``sampler`` say how to sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.config import locate
+from common.teachers.embedded import load_teacher
+
+
+@dataclass
+class Generator:
+    denoiser: torch.nn.Module
+    sampler: str  # a key of common.sampling.SAMPLERS
+    source: str
+    is_teacher: bool
+
+
+def load_generator(spec: str) -> Generator:
+    if spec.startswith("teacher:"):
+        return Generator(load_teacher(spec.split(":", 1)[1]), "euler", spec, True)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".ckpt":
+        cfg_file = path.parent.parent / "config.yaml"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{path} has no run config at {cfg_file}; cannot tell which module wrote it")
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(OmegaConf.load(cfg_file))
+        cls = locate(cfg["module"]["target"])
+        kwargs = {k: v for k, v in cfg["module"].items() if k != "target"}
+        module = cls(**kwargs)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        module.load_state_dict(state["state_dict"], strict=False)
+        den = module.generator_denoiser().eval().requires_grad_(False)
+        return Generator(den, getattr(module, "sampler", "euler"), str(path), getattr(module, "sampler", "euler") != "multistep")
+    return Generator(load_teacher(str(path)), "euler", str(path), True)

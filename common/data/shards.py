@@ -1,0 +1,128 @@
+"""WebDataset shards: writing, and reading small embedded sets into memory.
+
+A shard is a plain tar file whose members are ``<key>.<ext>`` (the WebDataset layout), so the
+same files stream through ``webdataset.WebDataset`` at scale (see :mod:`common.data.stream`).
+Embedded sets are small (a few MB), so :func:`read_shards` decodes them once into arrays: that
+gives random access, which makes the data order a pure function of (seed, sample index) and so
+exactly resumable and independent of the number of ranks and workers.
+
+A sample that fails to decode is skipped with a counted warning; a set with nothing readable
+is an error.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import os
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+class NoReadableData(RuntimeError):
+    pass
+
+
+def encode_png(img_u8: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img_u8).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+DECODERS = {
+    "png": lambda b: np.array(Image.open(io.BytesIO(b)), dtype=np.uint8),
+    "cls": lambda b: int(b.decode().strip()),
+    "npy": lambda b: np.load(io.BytesIO(b), allow_pickle=False),
+}
+
+
+def write_shards(out_dir: str | os.PathLike, prefix: str, samples, maxcount: int = 2000) -> list[str]:
+    """Write an iterable of WebDataset sample dicts (``__key__`` plus ext -> value) into shards."""
+    os.makedirs(out_dir, exist_ok=True)
+    pattern = os.path.join(str(out_dir), f"{prefix}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
+        for s in samples:
+            sink.write(s)
+    return sorted(glob.glob(os.path.join(str(out_dir), f"{prefix}-*.tar")))
+
+
+def _iter_members(path: str, stats: dict):
+    """Yield (name, bytes) of a tar shard; a truncated or corrupt tail is counted and skipped."""
+    try:
+        with tarfile.open(path, "r") as tf:
+            while True:
+                try:
+                    m = tf.next()
+                except (tarfile.TarError, EOFError, OSError) as e:
+                    stats["corrupt_shards"] += 1
+                    log.warning("shard %s: unreadable after %d members (%s); rest of shard skipped",
+                                path, stats["members"], e)
+                    return
+                if m is None:
+                    return
+                if not m.isfile():
+                    continue
+                try:
+                    data = tf.extractfile(m).read()
+                except (tarfile.TarError, EOFError, OSError) as e:
+                    stats["corrupt_shards"] += 1
+                    log.warning("shard %s: member %s unreadable (%s); rest of shard skipped", path, m.name, e)
+                    return
+                stats["members"] += 1
+                yield m.name, data
+    except (tarfile.TarError, EOFError, OSError) as e:
+        stats["corrupt_shards"] += 1
+        log.warning("shard %s cannot be opened (%s); skipped", path, e)
+
+
+def read_shards(paths: list[str], fields: dict[str, str]) -> tuple[dict[str, np.ndarray], dict]:
+    """Decode every sample of ``paths`` into stacked arrays.
+
+    ``fields`` maps an output name to a member extension, e.g. ``{"image": "png", "label": "cls"}``.
+    Returns the arrays (sorted by shard, then order in shard) and counters
+    ``{"samples", "corrupt_samples", "corrupt_shards", "members"}``.
+    """
+    if not paths:
+        raise FileNotFoundError("no shard files given")
+    stats = defaultdict(int)
+    out: dict[str, list] = {k: [] for k in fields}
+    keys: list[str] = []
+    for path in paths:
+        groups: dict[str, dict[str, bytes]] = {}
+        for name, data in _iter_members(path, stats):
+            key, _, ext = os.path.basename(name).partition(".")
+            groups.setdefault(key, {})[ext] = data
+        for key, members in groups.items():
+            try:
+                decoded = {k: DECODERS[ext](members[ext]) for k, ext in fields.items()}
+            except Exception as e:  # noqa: BLE001 - any decode failure means a corrupt sample
+                stats["corrupt_samples"] += 1
+                log.warning("shard %s: sample %r is corrupt (%s: %s); skipped",
+                            path, key, type(e).__name__, e)
+                continue
+            for k, v in decoded.items():
+                out[k].append(v)
+            keys.append(key)
+    stats["samples"] = len(keys)
+    if not keys:
+        raise NoReadableData(f"no readable sample in {len(paths)} shard(s): {paths[0]} ...")
+    if stats["corrupt_samples"] or stats["corrupt_shards"]:
+        log.warning("read %d samples from %d shard(s); skipped %d corrupt sample(s), %d corrupt shard tail(s)",
+                    stats["samples"], len(paths), stats["corrupt_samples"], stats["corrupt_shards"])
+    arrays = {k: np.stack(v) for k, v in out.items()}
+    arrays["__key__"] = np.array(keys)
+    return arrays, dict(stats)
+
+
+def shard_paths(directory: str | Path, prefix: str) -> list[str]:
+    paths = sorted(glob.glob(os.path.join(str(directory), f"{prefix}-*.tar")))
+    if not paths:
+        raise FileNotFoundError(f"no shards {prefix}-*.tar in {directory}")
+    return paths

@@ -1,0 +1,47 @@
+"""Train from a config: ``python launchers/fit.py CONFIG [key=value ...] [--dry-run]``.
+
+The resolved config (defaults filled in, overrides applied) is saved as ``<run.dir>/config.yaml``;
+``run.resume=auto`` (default) continues from ``<run.dir>/checkpoints/last.ckpt`` when it exists.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from _bootstrap import bootstrap
+
+bootstrap()
+
+from common.config import ConfigError, load_config, to_yaml  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. trainer.max_steps=100")
+    ap.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        return 0
+    from common import runner
+
+    try:
+        trainer, module, datamodule, ckpt = runner.build(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    if cfg["run"]["export"] and trainer.global_rank == 0 and hasattr(module, "export"):
+        module.export(cfg["run"]["export"])
+        print(f"exported weights to {cfg['run']['export']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
