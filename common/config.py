@@ -35,7 +35,7 @@ class RunConfig:
     resume: str = "auto"  # "auto": last checkpoint of dir if any; "never"; or a checkpoint path
     ckpt_every_n_steps: int = 500
     wandb: bool = False  # offline mode; sync later with `wandb sync`
-    export: str = ""  # for teacher / classifier recipes: where the final weights are written
+    export: str = ""  # recipes: weights file written at the end (relative paths: inside run.dir)
     notes: str = ""
 
 

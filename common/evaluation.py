@@ -19,6 +19,13 @@ def guided(gen: Generator, guidance: float | None, mode: str = "standard"):
     return Guided(gen.denoiser, guidance, mode)
 
 
+def default_guidance(gen: Generator) -> float | None:
+    """The protocol's CFG scale for conditional teachers; students and unconditional nets: none."""
+    if gen.is_teacher and getattr(gen.denoiser, "null_label", None) is not None:
+        return evaluator.protocol("mnist")["teacher_guidance"]
+    return None
+
+
 def is_image_model(den) -> bool:
     net = getattr(den, "net", None) or getattr(getattr(den, "denoiser", None), "net", None)
     return getattr(net, "image_size", None) is not None

@@ -2,6 +2,7 @@
 (and offline wandb) logging, resume."""
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from common.config import ConfigError, instantiate, to_yaml
@@ -27,6 +29,52 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+class _ResumingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes metrics.csv when the run directory exists. On resume, keep the
+    rows logged before the checkpoint's step instead (rows after it are redone by the resumed run)."""
+
+    def __init__(self, log_dir: str, keep_below_step: int | None):
+        self._keep = keep_below_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if self._keep is None or not os.path.isfile(self.metrics_file_path):
+            return super()._check_log_dir_exists()
+        with open(self.metrics_file_path, newline="") as f:
+            reader = csv.DictReader(f)
+            keys = list(reader.fieldnames or [])
+            rows = [r for r in reader if int(r["step"]) < self._keep]
+        with open(self.metrics_file_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        self.metrics_keys = sorted(keys)
+
+
+class RunCSVLogger(CSVLogger):
+    """metrics.csv directly in the run directory, continued across resumes."""
+
+    def __init__(self, run_dir: str, resume_step: int | None):
+        super().__init__(run_dir, name="", version="")
+        self._resume_step = resume_step
+
+    @property
+    def experiment(self):
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumingWriter(self.log_dir, self._resume_step)
+        return self._experiment
+
+
+def checkpoint_log_step(path: str) -> int:
+    """The first logging step a resumed run writes. A checkpoint taken at the end of a batch stores
+    ``_batches_that_stepped`` before that batch's increment, so the resumed run logs from one past it."""
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return int(ckpt["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]) + 1
 
 
 def resume_path(cfg: dict) -> str | None:
@@ -50,7 +98,7 @@ def build(cfg: dict):
     L.seed_everything(cfg["run"]["seed"], workers=True, verbose=False)
     module = instantiate(cfg["module"])
     datamodule = instantiate(cfg["data"])
-    loggers = [CSVLogger(str(run_dir), name="", version="")]
+    loggers = [RunCSVLogger(str(run_dir), checkpoint_log_step(ckpt) if ckpt else None)]
     if cfg["run"]["wandb"]:
         os.environ.setdefault("WANDB_MODE", "offline")
         loggers.append(WandbLogger(save_dir=str(run_dir), offline=True, project="fewstep"))

@@ -38,10 +38,19 @@ def _step(model, x0: Tensor, eps: Tensor, t_next: Tensor) -> Tensor:
     return lv.a.to(x0.dtype) * x0 + lv.b.to(x0.dtype) * eps
 
 
+def _flow_form(model, t, ndim):
+    """SNR-matched rectified-flow time ``s = b / (a + b)`` and scale ``a + b`` (``x_flow = x / (a + b)``);
+    finite at both ends of every convention."""
+    lv = model.level(t)
+    a, b = lv.a, lv.b
+    return (b / (a + b)), noise.append_dims(a + b, ndim)
+
+
 @torch.no_grad()
 def sample_euler(model, x: Tensor, ts: Tensor, cond=None, generator=None, callback: Callable | None = None) -> Tensor:
-    """DDIM step ``x' = a' x0_hat + b' eps_hat``: Euler on the probability-flow ODE in sigma = b/a
-    (for rectified flow it is exactly Euler on the velocity in s)."""
+    """Euler on the probability-flow ODE written in SNR-matched flow time: ``x_f' = x_f + (s' - s) u``
+    with ``u = eps_hat - x0_hat``. This equals the DDIM step ``x' = a' x0_hat + b' eps_hat`` and, for a
+    rectified-flow teacher, plain Euler on its velocity."""
     for i in range(len(ts) - 1):
         p = model.x0_eps(x, ts[i], cond)
         x = _step(model, p.x0, p.eps, ts[i + 1])
@@ -52,20 +61,18 @@ def sample_euler(model, x: Tensor, ts: Tensor, cond=None, generator=None, callba
 
 @torch.no_grad()
 def sample_heun(model, x: Tensor, ts: Tensor, cond=None, generator=None, callback: Callable | None = None) -> Tensor:
-    """Heun's second-order method in sigma = b/a (EDM Algorithm 1 without churn); Euler on the last
-    step when it ends at sigma = 0."""
+    """Heun's second-order method on the same flow-time ODE (EDM Algorithm 1 without churn); the
+    last step is plain Euler when it ends at the data end, where the second evaluation is undefined."""
     for i in range(len(ts) - 1):
-        t, tn = ts[i], ts[i + 1]
-        lv, lvn = model.level(t), model.level(tn)
-        a, sig = float(lv.a), float(lv.b / lv.a)
-        an, sign = float(lvn.a), float(lvn.b / lvn.a)
-        p = model.x0_eps(x, t, cond)
-        y = x / a
-        y_next = y + (sign - sig) * p.eps
-        if sign > 0:
-            p2 = model.x0_eps(an * y_next, tn, cond)
-            y_next = y + (sign - sig) * 0.5 * (p.eps + p2.eps)
-        x = an * y_next
+        s, k = _flow_form(model, ts[i], x.ndim)
+        s_next, k_next = _flow_form(model, ts[i + 1], x.ndim)
+        p = model.x0_eps(x, ts[i], cond)
+        u = p.eps - p.x0
+        xf_next = x / k + (s_next - s).to(x.dtype) * u
+        if float(s_next) > 0:
+            p2 = model.x0_eps(xf_next * k_next.to(x.dtype), ts[i + 1], cond)
+            xf_next = x / k + (s_next - s).to(x.dtype) * 0.5 * (u + p2.eps - p2.x0)
+        x = xf_next * k_next.to(x.dtype)
         if callback:
             callback(i, x, p.x0)
     return x

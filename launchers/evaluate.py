@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common.checkpoints import load_generator  # noqa: E402
-from common.evaluation import measure  # noqa: E402
+from common.evaluation import default_guidance, measure  # noqa: E402
 from common.metrics import evaluator  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             elif args.guidance is not None:
                 guidance = args.guidance
             else:
-                guidance = p["teacher_guidance"] if gen.is_teacher else None
+                guidance = default_guidance(gen)
             mode = args.guidance_mode or p["guidance_mode"]
             steps = args.steps or p["step_counts"]
             rows = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from _bootstrap import bootstrap
 
@@ -38,8 +39,9 @@ def main(argv=None) -> int:
         return 2
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     if cfg["run"]["export"] and trainer.global_rank == 0 and hasattr(module, "export"):
-        module.export(cfg["run"]["export"])
-        print(f"exported weights to {cfg['run']['export']}")
+        path = Path(cfg["run"]["dir"]) / cfg["run"]["export"]  # an absolute export path stays as it is
+        module.export(str(path))
+        print(f"exported weights to {path}")
     return 0
 
 

@@ -16,9 +16,8 @@ bootstrap()
 import numpy as np  # noqa: E402
 
 from common.checkpoints import load_generator  # noqa: E402
-from common.evaluation import draw, is_image_model  # noqa: E402
+from common.evaluation import default_guidance, draw, is_image_model  # noqa: E402
 from common.images import save_grid, save_scatter  # noqa: E402
-from common.metrics import evaluator  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,9 +37,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    guidance = None if args.no_guidance else (
-        args.guidance if args.guidance is not None else
-        (evaluator.protocol()["teacher_guidance"] if gen.is_teacher else None))
+    guidance = None if args.no_guidance else (args.guidance if args.guidance is not None else default_guidance(gen))
     x, labels = draw(gen, args.steps, guidance, num_samples=args.num_samples, seed=args.seed,
                      mode=args.guidance_mode, sampler=args.sampler, progress=True)
     out = Path(args.out)

@@ -55,26 +55,30 @@ def write_shards(out_dir: str | os.PathLike, prefix: str, samples, maxcount: int
 
 def _iter_members(path: str, stats: dict):
     """Yield (name, bytes) of a tar shard; a truncated or corrupt tail is counted and skipped."""
+    def bad(why):
+        stats["corrupt_shards"] += 1
+        log.warning("shard %s: %s; rest of shard skipped", path, why)
+
     try:
+        size = os.path.getsize(path)
         with tarfile.open(path, "r") as tf:
             while True:
                 try:
                     m = tf.next()
                 except (tarfile.TarError, EOFError, OSError) as e:
-                    stats["corrupt_shards"] += 1
-                    log.warning("shard %s: unreadable after %d members (%s); rest of shard skipped",
-                                path, stats["members"], e)
-                    return
+                    return bad(f"unreadable header ({e})")
                 if m is None:
+                    if tf.offset + 2 * tarfile.BLOCKSIZE > size:  # no end-of-archive marker: cut short
+                        bad("truncated (no end-of-archive marker)")
                     return
                 if not m.isfile():
                     continue
+                if m.offset_data + m.size > size:
+                    return bad(f"member {m.name} is truncated")
                 try:
                     data = tf.extractfile(m).read()
                 except (tarfile.TarError, EOFError, OSError) as e:
-                    stats["corrupt_shards"] += 1
-                    log.warning("shard %s: member %s unreadable (%s); rest of shard skipped", path, m.name, e)
-                    return
+                    return bad(f"member {m.name} unreadable ({e})")
                 stats["members"] += 1
                 yield m.name, data
     except (tarfile.TarError, EOFError, OSError) as e:

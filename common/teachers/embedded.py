@@ -30,8 +30,9 @@ def build_net(spec: dict) -> nn.Module:
 
 
 def flow_denoiser(net: nn.Module) -> Denoiser:
+    num_classes = getattr(net, "num_classes", 0)
     return Denoiser(net, noise.RectifiedFlow(), "flow", time_scale=FLOW_TIME_SCALE,
-                    null_label=getattr(net, "num_classes", None))
+                    null_label=num_classes or None)  # the last label row is the null class
 
 
 def file_sha256(path: str | os.PathLike) -> str:

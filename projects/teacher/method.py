@@ -77,8 +77,11 @@ class FlowMatchingTeacher(L.LightningModule):
         g = self._generator(1)
         s = sample_flow_times(n, self.hparams.time_sampling, g, self.hparams.logit_mean,
                               self.hparams.logit_std).to(x0)
-        drop = torch.rand(n, generator=g) < self.hparams.label_dropout
-        y = torch.where(drop.to(y.device), torch.full_like(y, self.net.num_classes), y)
+        if self.net.num_classes:
+            drop = torch.rand(n, generator=g) < self.hparams.label_dropout
+            y = torch.where(drop.to(y.device), torch.full_like(y, self.net.num_classes), y)
+        else:  # unconditional (2-D toys)
+            y = None
         x_s = self.denoiser.convention.add_noise(x0, eps, s)
         u = self.denoiser(x_s, s, y)
         loss = (u - (eps - x0)).pow(2).mean()
@@ -124,14 +127,12 @@ class FlowMatchingTeacher(L.LightningModule):
             x = generate(den, shape, h.sample_steps, cond=y, seed=h.seed)
             save_grid(x, out / f"step{self.global_step:07d}.png", nrow=self.net.num_classes)
         else:
-            y = torch.zeros(h.num_samples, dtype=torch.long) if self.net.num_classes else None
-            x = generate(Guided(self.generator_denoiser(), 1.0), (h.num_samples, self.net.in_dim), h.sample_steps,
-                         cond=y, seed=h.seed)
+            x = generate(self.generator_denoiser(), (h.num_samples, self.net.in_dim), h.sample_steps, seed=h.seed)
             save_scatter(x, out / f"step{self.global_step:07d}.png", title=f"step {self.global_step}")
 
     # ---------------------------------------------------------------- export
     def export(self, path: str) -> None:
-        meta = {"recipe": "projects/teacher", "batches_seen": self.batches_seen,
+        meta = {"recipe": "projects/teacher", "dataset": self.trainer.datamodule.name if self._trainer else None, "batches_seen": self.batches_seen,
                 "train_seconds": round(self.train_seconds, 1), "hparams": {k: (list(v) if isinstance(v, tuple) else v)
                                                                            for k, v in dict(self.hparams).items()}}
         save_weights(path, self.net_spec, copy.deepcopy(self.ema.ema_model).state_dict(), meta)

@@ -1,0 +1,147 @@
+"""Quality and speed checks that are too long for the default pytest run.
+
+  python launchers/benchmark.py teacher     the teacher's baseline table (FD, accuracy, precision,
+                                            recall at 1-64 Euler steps, with and without CFG) and
+                                            its acceptance figures
+  python launchers/benchmark.py guidance    the CFG sweep that chose the protocol's teacher scale
+  python launchers/benchmark.py toy         the 2-D toy teachers: sliced Wasserstein and mode coverage
+
+Each suite prints a Markdown table, writes ``runs/benchmark/<suite>.json`` and exits non-zero
+when an acceptance figure is missed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from _bootstrap import ROOT, bootstrap
+
+bootstrap()
+
+from common.checkpoints import load_generator  # noqa: E402
+from common.evaluation import draw, measure  # noqa: E402
+from common.images import save_grid, save_scatter  # noqa: E402
+from common.metrics import evaluator  # noqa: E402
+
+OUT = Path("runs/benchmark")
+
+
+def _check(name: str, value: float, op: str, bound: float) -> dict:
+    ok = value <= bound if op == "<=" else value >= bound
+    return {"check": name, "value": round(value, 4), "op": op, "bound": round(bound, 4), "ok": bool(ok)}
+
+
+def _fmt(v, nd=2):
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def suite_teacher(args) -> tuple[dict, list[dict]]:
+    p = evaluator.protocol("mnist")
+    gen = load_generator("teacher:mnist")
+    scale = p["teacher_guidance"]
+    steps = args.steps or p["step_counts"]
+    rows = []
+    for guidance in (scale, None):
+        for n in steps:
+            r = measure(gen, n, guidance, progress=True)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    ref = evaluator.load_reference()
+    guided = [r for r in rows if r["guidance"] is not None]
+    best = min(guided, key=lambda r: r["fd"])
+    one = next(r for r in guided if r["steps"] == min(steps))
+    clf_acc = float(ref["heldout_accuracy"])
+    checks = [
+        _check("classifier held-out accuracy", clf_acc, ">=", 0.98),
+        _check("best guided FD / real-vs-real floor", best["fd"] / float(ref["fd_floor"]), "<=", 10.0),
+        _check(f"{min(steps)}-step FD / best FD", one["fd"] / best["fd"], ">=", 10.0),
+        _check(f"guided accuracy at best FD ({best['steps']} steps)", best["accuracy"], ">=", 0.90),
+    ]
+    x, _ = draw(gen, best["steps"], scale, num_samples=100)
+    grid = save_grid(x, OUT / "teacher_grid.png", nrow=10)
+    lines = [f"Embedded teacher `{gen.denoiser.source['path']}` (sha256 {gen.denoiser.source['sha256'][:12]}), "
+             f"{p['num_samples']} samples, seed {p['seed']}, Euler; CFG `{p['guidance_mode']}` scale {scale}.",
+             f"Real-vs-real floor ({p['num_samples']} held-out digits vs the training reference): "
+             f"FD {float(ref['fd_floor']):.3f}, precision {float(ref['floor_precision']):.3f}, "
+             f"recall {float(ref['floor_recall']):.3f}; classifier held-out accuracy {clf_acc:.4f}.", "",
+             "| steps | FD (CFG) | FD / floor | acc (CFG) | prec | recall | FD (no CFG) | acc (no CFG) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in steps:
+        g = next(r for r in rows if r["steps"] == n and r["guidance"] is not None)
+        u = next(r for r in rows if r["steps"] == n and r["guidance"] is None)
+        lines.append(f"| {n} | {g['fd']:.3f} | {g['fd_over_floor']:.2f} | {g['accuracy']:.3f} | {g['precision']:.3f} "
+                     f"| {g['recall']:.3f} | {u['fd']:.3f} | {u['accuracy']:.3f} |")
+    return {"rows": rows, "table": "\n".join(lines), "grid": str(grid),
+            "teacher_meta": {k: v for k, v in gen.denoiser.meta.items() if k != "hparams"}}, checks
+
+
+def suite_guidance(args) -> tuple[dict, list[dict]]:
+    gen = load_generator("teacher:mnist")
+    steps = args.steps[0] if args.steps else 16
+    rows = []
+    for scale in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0):
+        r = measure(gen, steps, scale, progress=True)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    best = min(rows, key=lambda r: r["fd"])
+    lines = [f"CFG sweep (standard convention) at {steps} Euler steps; best FD at scale {best['guidance']}.", "",
+             "| scale | FD | accuracy | precision | recall |", "|---|---|---|---|---|"]
+    lines += [f"| {r['guidance']} | {r['fd']:.3f} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |"
+              for r in rows]
+    pinned = evaluator.protocol("mnist")["teacher_guidance"]
+    checks = [_check("pinned scale is the sweep's best", float(pinned == best["guidance"]), ">=", 1.0)]
+    return {"rows": rows, "table": "\n".join(lines), "best_scale": best["guidance"]}, checks
+
+
+def suite_toy(args) -> tuple[dict, list[dict]]:
+    rows, checks = [], []
+    for name in ("8gaussians", "checkerboard"):
+        gen = load_generator(f"teacher:{name}")
+        for n in args.steps or (1, 4, 16, 64):
+            r = {"dataset": name, **measure(gen, n, None, dataset=name)}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        best = min((r for r in rows if r["dataset"] == name), key=lambda r: r["swd"])
+        checks.append(_check(f"{name}: modes covered", best["modes_covered"], ">=", best["num_modes"]))
+        checks.append(_check(f"{name}: share of points on modes", best["share_on_modes"], ">=", 0.9))
+        x, _ = draw(gen, best["steps"], None)
+        save_scatter(x, OUT / f"toy_{name}.png", title=f"{name} teacher, {best['steps']} Euler steps")
+    lines = ["| toy | steps | SWD | modes covered | share on modes |", "|---|---|---|---|---|"]
+    lines += [f"| {r['dataset']} | {r['steps']} | {r['swd']:.4f} | {r['modes_covered']}/{r['num_modes']} "
+              f"| {r['share_on_modes']:.3f} |" for r in rows]
+    return {"rows": rows, "table": "\n".join(lines)}, checks
+
+
+SUITES = {"teacher": suite_teacher, "guidance": suite_guidance, "toy": suite_toy}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("suites", nargs="+", choices=sorted(SUITES))
+    ap.add_argument("--steps", type=int, nargs="+", default=None, help="override the step counts")
+    args = ap.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for name in args.suites:
+        t0 = time.time()
+        result, checks = SUITES[name](args)
+        result.update(checks=checks, seconds=round(time.time() - t0, 1),
+                      command=f"python launchers/benchmark.py {name}")
+        (OUT / f"{name}.json").write_text(json.dumps(result, indent=2))
+        print(f"\n## {name}\n\n{result['table']}\n")
+        for c in checks:
+            print(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']}: {c['value']} {c['op']} {c['bound']}")
+            if not c["ok"]:
+                failed.append(f"{name}: {c['check']}")
+        print(f"({result['seconds']} s; wrote {OUT / (name + '.json')})")
+    if failed:
+        print(f"\n{len(failed)} acceptance figure(s) missed: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

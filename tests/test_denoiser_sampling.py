@@ -1,0 +1,122 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from common import noise
+from common.nets.dit import DiT
+from common.sampling import SAMPLERS, generate, initial_noise, timesteps
+from common.teachers.denoiser import Denoiser, Guided, cfg_combine
+
+
+def tiny_dit():
+    torch.manual_seed(0)
+    net = DiT(image_size=8, patch_size=4, dim=32, depth=2, heads=2, num_classes=3)
+    for p in net.parameters():  # leave the zero-init so outputs are not trivially zero
+        if p.dim() >= 2 and torch.all(p == 0):
+            nn.init.normal_(p, std=0.05)
+    return net
+
+
+def test_cfg_conventions_named_and_related():
+    c, u = torch.randn(4, 3), torch.randn(4, 3)
+    torch.testing.assert_close(cfg_combine(c, u, 1.0, "standard"), c)
+    torch.testing.assert_close(cfg_combine(c, u, 0.0, "offset"), c)
+    torch.testing.assert_close(cfg_combine(c, u, 0.0, "standard"), u)
+    # offset weight w is standard scale 1 + w
+    torch.testing.assert_close(cfg_combine(c, u, 2.5, "offset"), cfg_combine(c, u, 3.5, "standard"))
+    torch.testing.assert_close(cfg_combine(c, u, 4.5, "standard"), u + 4.5 * (c - u))
+    with pytest.raises(ValueError, match="unknown CFG mode 'plus'"):
+        cfg_combine(c, u, 1.0, "plus")
+
+
+def test_guidance_is_the_same_in_every_parameterisation():
+    den = Denoiser(tiny_dit(), noise.RectifiedFlow(), "flow", time_scale=1000, null_label=3)
+    x, t, y = torch.randn(5, 1, 8, 8), torch.full((5,), 0.4), torch.tensor([0, 1, 2, 0, 1])
+    g = Guided(den, 3.0, "standard")
+    for kind in ("x0", "eps", "flow"):
+        guided = g.predict(x, t, y, kind)
+        c = den.predict(x, t, y, kind)
+        u = den.predict(x, t, torch.full_like(y, 3), kind)
+        torch.testing.assert_close(guided, u + 3.0 * (c - u), rtol=1e-5, atol=1e-5)
+
+
+def test_guided_with_null_condition_required():
+    den = Denoiser(tiny_dit(), noise.RectifiedFlow(), "flow", time_scale=1000, null_label=None)
+    with pytest.raises(ValueError, match="no null condition"):
+        Guided(den, 2.0)(torch.randn(2, 1, 8, 8), torch.full((2,), 0.5), torch.tensor([0, 1]))
+
+
+def test_denoiser_features_and_bad_name():
+    den = Denoiser(tiny_dit(), noise.RectifiedFlow(), "flow", time_scale=1000, null_label=3)
+    out, feats = den(torch.randn(2, 1, 8, 8), torch.full((2,), 0.5), torch.tensor([0, 1]), return_features=["block1"])
+    assert out.shape == (2, 1, 8, 8) and feats["block1"].shape == (2, 4, 32)
+    with pytest.raises(KeyError, match="unknown feature names"):
+        den(torch.randn(2, 1, 8, 8), torch.full((2,), 0.5), torch.tensor([0, 1]), return_features=["block9"])
+
+
+class GaussianX0(nn.Module):
+    """Exact posterior mean for 1-D data N(m, v): E[x0 | x] = m + a v (x - a m) / (a^2 v + b^2)."""
+
+    def __init__(self, conv, m=0.7, v=0.09):
+        super().__init__()
+        self.conv, self.m, self.v = conv, m, v
+
+    def forward(self, x, t, cond):
+        lv = self.conv.level(t.double()).expand(x.ndim)
+        a, b = lv.a.to(x), lv.b.to(x)
+        return self.m + a * self.v * (x - a * self.m) / (a * a * self.v + b * b)
+
+
+@pytest.mark.parametrize("conv", [noise.RectifiedFlow(), noise.EDM(sigma_min=1e-4, sigma_max=1e5), noise.TrigFlow(0.5)],
+                         ids=lambda c: c.name)
+def test_ode_samplers_follow_the_exact_transport(conv):
+    """For Gaussian data N(m, v) the probability-flow ODE is linear: in flow units
+    x(s) = (1 - s) m + sqrt((1 - s)^2 v + s^2) z. Euler is first order, Heun second order."""
+    m, v, s_end = 0.7, 0.09, 0.05
+    den = Denoiser(GaussianX0(conv, m, v), conv, "x0")
+    z = torch.randn(256, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    err = {}
+    for name in ("euler", "heun"):
+        for n in (8, 16):
+            ts = timesteps(conv, n, s_min=s_end).double()
+            lv0, lv1 = conv.level(ts[0]), conv.level(ts[-1])
+            x = (lv0.a + lv0.b) * z  # pure noise at the noise end, in the convention's units
+            out = SAMPLERS[name](den, x, ts, None) / (lv1.a + lv1.b)
+            se = float(lv1.b / (lv1.a + lv1.b))  # flow time in the convention's own data units
+            exact_flow = (1 - se) * m + math.sqrt((1 - se) ** 2 * v + se**2) * z
+            err[name, n] = (out - exact_flow).abs().max().item()
+    assert 1.6 < err["euler", 8] / err["euler", 16] < 2.5, err
+    assert err["heun", 8] / err["heun", 16] > 3.2, err
+    assert err["heun", 16] < 1e-2 and err["heun", 16] < err["euler", 16] / 10, err
+
+
+def test_multistep_one_step_returns_the_prediction():
+    conv = noise.RectifiedFlow()
+    den = Denoiser(GaussianX0(conv), conv, "x0")
+    ts = timesteps(conv, 1)
+    x = torch.randn(16, 1, dtype=torch.float64)
+    out = SAMPLERS["multistep"](den, x, ts.double(), None)
+    torch.testing.assert_close(out, den.predict(x, ts[0].double().expand(16), None, "x0"))
+
+
+def test_generate_is_reproducible_and_batch_independent():
+    den = Denoiser(tiny_dit(), noise.RectifiedFlow(), "flow", time_scale=1000, null_label=3)
+    y = torch.arange(6) % 3
+    a = generate(den, (6, 1, 8, 8), 3, cond=y, seed=5, batch_size=6)
+    b = generate(den, (6, 1, 8, 8), 3, cond=y, seed=5, batch_size=6)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    c = generate(den, (6, 1, 8, 8), 3, cond=y, seed=6, batch_size=6)
+    assert (a - c).abs().max() > 1e-3
+
+
+def test_timesteps_span_the_convention():
+    for conv in (noise.RectifiedFlow(), noise.TrigFlow(0.5), noise.DiscreteVP()):
+        ts = timesteps(conv, 4)
+        assert len(ts) == 5
+        assert math.isclose(float(ts[0]), conv.t_noise, rel_tol=1e-6)
+        assert math.isclose(float(ts[-1]), conv.t_data, abs_tol=1e-6)
+        # evenly spaced in flow time
+        s = noise.match_time(ts[1:-1].double(), conv, noise.RectifiedFlow())
+        torch.testing.assert_close(s.float(), torch.tensor([0.75, 0.5, 0.25]), rtol=1e-3, atol=1e-3)
