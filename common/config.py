@@ -218,8 +218,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
         cfg = OmegaConf.merge(OmegaConf.load(path.parent / base), cfg)
     cfg = apply_overrides(cfg, overrides or [])
     resolved = validate(OmegaConf.to_container(cfg, resolve=True))
-    if not resolved["run"]["dir"]:
-        resolved["run"]["dir"] = str(Path("runs") / path.parent.name / path.stem)
+    if not resolved["run"]["dir"]:  # runs/<project>/<config stem>
+        parts = path.resolve().parts
+        project = parts[len(parts) - 1 - parts[::-1].index("projects") + 1] if "projects" in parts[:-1] \
+            else path.parent.name
+        resolved["run"]["dir"] = str(Path("runs") / project / path.stem)
     return resolved
 
 

@@ -41,7 +41,7 @@ def test_dry_run_prints_the_resolved_config():
     p = run("launchers/fit.py", TOY, "module.lr=0.01", "--dry-run", check=True)
     assert "lr: 0.01" in p.stdout
     assert "logit_std: 1.0" in p.stdout  # a default filled in from the signature
-    assert "dir: runs/configs/toy_8gaussians" in p.stdout
+    assert "dir: runs/teacher/toy_8gaussians" in p.stdout
 
 
 def _losses(run_dir):
