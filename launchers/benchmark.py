@@ -5,6 +5,7 @@
                                             its acceptance figures
   python launchers/benchmark.py guidance    the CFG sweep that chose the protocol's teacher scale
   python launchers/benchmark.py toy         the 2-D toy teachers: sliced Wasserstein and mode coverage
+  python launchers/benchmark.py jvp         attention JVP time and peak memory at 256, 1024, 4096 tokens
 
 Each suite prints a Markdown table, writes ``runs/benchmark/<suite>.json`` and exits non-zero
 when an acceptance figure is missed.
@@ -115,13 +116,55 @@ def suite_toy(args) -> tuple[dict, list[dict]]:
     return {"rows": rows, "table": "\n".join(lines)}, checks
 
 
-SUITES = {"teacher": suite_teacher, "guidance": suite_guidance, "toy": suite_toy}
+def suite_jvp(args) -> tuple[dict, list[dict]]:
+    """Attention JVP at batch 1, 8 heads, head dim 64, fp32: each configuration in a fresh child
+    process (peak RSS above its baseline); the three methods alternate, repeated, medians taken."""
+    import statistics
+    import subprocess
+
+    lengths = args.steps or (256, 1024, 4096)
+    methods = ("sdpa_forward", "efficient_jvp", "math_func_jvp")
+    raw = {(m, n): [] for m in methods for n in lengths}
+    for _ in range(args.repeats):
+        for n in lengths:
+            for m in methods:
+                p = subprocess.run([sys.executable, "-m", "common.kernels.bench_child", m, str(n)], cwd=ROOT,
+                                   capture_output=True, text=True, check=True)
+                raw[m, n].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    rows = []
+    for n in lengths:
+        med = {m: {k: statistics.median(r[k] for r in raw[m, n]) for k in ("seconds", "peak_mib")} for m in methods}
+        rows.append({"n": n, **{f"{m}_{k}": round(v, 4) for m in methods for k, v in med[m].items()},
+                     "time_jvp_over_sdpa": med["efficient_jvp"]["seconds"] / med["sdpa_forward"]["seconds"],
+                     "time_jvp_over_math_jvp": med["efficient_jvp"]["seconds"] / med["math_func_jvp"]["seconds"],
+                     "mem_jvp_over_math_jvp": med["efficient_jvp"]["peak_mib"] / max(med["math_func_jvp"]["peak_mib"], 1e-9)})
+    lines = [f"Attention JVP, batch 1, 8 heads, head dim 64, fp32, median of {args.repeats} child processes per "
+             "configuration (each: 1 warm-up + 3 timed calls); memory = peak RSS above the child's baseline.", "",
+             "| tokens | SDPA fwd s | efficient JVP s | math func.jvp s | JVP / SDPA time | JVP / math-JVP time "
+             "| SDPA MiB | efficient JVP MiB | math func.jvp MiB | JVP / math-JVP memory |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['n']} | {r['sdpa_forward_seconds']:.4f} | {r['efficient_jvp_seconds']:.4f} | "
+                     f"{r['math_func_jvp_seconds']:.4f} | {r['time_jvp_over_sdpa']:.2f} | "
+                     f"{r['time_jvp_over_math_jvp']:.2f} | {r['sdpa_forward_peak_mib']:.0f} | "
+                     f"{r['efficient_jvp_peak_mib']:.0f} | {r['math_func_jvp_peak_mib']:.0f} | "
+                     f"{r['mem_jvp_over_math_jvp']:.3f} |")
+    last = rows[-1]
+    checks = [_check(f"JVP time / SDPA forward at {last['n']} tokens", last["time_jvp_over_sdpa"], "<=", 3.5),
+              _check(f"JVP peak memory / math func.jvp at {last['n']} tokens", last["mem_jvp_over_math_jvp"], "<=",
+                     1 / 8)]
+    return {"rows": rows, "table": "\n".join(lines)}, checks
+
+
+SUITES = {"teacher": suite_teacher, "guidance": suite_guidance, "toy": suite_toy, "jvp": suite_jvp}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("suites", nargs="+", choices=sorted(SUITES))
-    ap.add_argument("--steps", type=int, nargs="+", default=None, help="override the step counts")
+    ap.add_argument("--steps", type=int, nargs="+", default=None,
+                    help="override the step counts (jvp: the sequence lengths)")
+    ap.add_argument("--repeats", type=int, default=3, help="jvp: child processes per configuration")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     failed = []
