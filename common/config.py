@@ -66,17 +66,26 @@ def locate(path: str):
         raise ConfigError(f"cannot import target {path!r}: {e}") from None
 
 
-def _signature_params(fn) -> dict[str, tuple[Any, Any]]:
-    """name -> (annotation, default) of a callable's keyword parameters."""
+def _signature_params(fn, cls=None) -> dict[str, tuple[Any, Any]]:
+    """name -> (annotation, default) of a callable's keyword parameters. A class whose ``__init__``
+    forwards ``**kwargs`` also accepts its base classes' parameters (the nearest definition wins)."""
     try:
         hints = typing.get_type_hints(fn)
     except Exception:  # noqa: BLE001 - unresolvable annotations are then unchecked
         hints = {}
-    out = {}
+    out, forwards = {}, False
     for name, p in inspect.signature(fn).parameters.items():
+        if p.kind == p.VAR_KEYWORD:
+            forwards = True
         if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         out[name] = (hints.get(name, Any), p.default)
+    if forwards and cls is not None:
+        for base in cls.__mro__[1:]:
+            if "__init__" in vars(base) and base.__module__.split(".")[0] in ("common", "projects"):
+                for k, v in _signature_params(base.__init__, base).items():
+                    out.setdefault(k, v)
+                break
     return out
 
 
@@ -139,7 +148,8 @@ def _check_target_section(name: str, sec: dict) -> dict:
     target = sec["target"]
     cls = locate(target)
     kwargs = {k: v for k, v in sec.items() if k != "target"}
-    resolved = _check_kwargs(name, kwargs, _signature_params(cls.__init__ if inspect.isclass(cls) else cls), target)
+    params = _signature_params(cls.__init__, cls) if inspect.isclass(cls) else _signature_params(cls)
+    resolved = _check_kwargs(name, kwargs, params, target)
     return {"target": target, **_defaults_jsonable(resolved)}
 
 

@@ -125,8 +125,10 @@ class DistillationModule(L.LightningModule):
     sampler = "multistep"  # students sample with common.sampling.sample_multistep
 
     def __init__(self, seed: int = 0, ema_beta: float = 0.999, ema_warmup: bool = True, max_nonfinite: int = 20,
-                 schedule: list | None = None):
+                 schedule: list | None = None, val_steps: list | None = None, val_num_samples: int = 500,
+                 dataset: str = "mnist"):
         super().__init__()
+        self.val_steps, self.val_num_samples, self.dataset = list(val_steps or [1]), val_num_samples, dataset
         self.automatic_optimization = False
         self.strict_loading = False  # frozen roles are not in checkpoints
         self.seed = seed
@@ -295,8 +297,54 @@ class DistillationModule(L.LightningModule):
         self.batches_seen = state.get("batches_seen", 0)
         self.nonfinite = dict(state.get("nonfinite", self.nonfinite))
 
-    # ---------------------------------------------------------------- sampling
+    # ---------------------------------------------------------------- sampling and validation
     def generator_denoiser(self):
-        """The EMA student as a Denoiser (projects override when the student needs wrapping)."""
+        """The EMA student as a Denoiser (each project wraps its student)."""
         raise NotImplementedError
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def measure(self, steps: int, num_samples: int | None) -> tuple[dict, Tensor]:
+        """Quality of the EMA student at ``steps`` under the pinned protocol (seed, labels)."""
+        from common.checkpoints import Generator
+        from common.evaluation import draw, is_image_model
+        from common.metrics import evaluator
+
+        gen = Generator(self.generator_denoiser().eval(), self.sampler, "training", False)
+        x, labels = draw(gen, steps, None, num_samples=num_samples, dataset=self.dataset)
+        res = evaluator.evaluate_images(x, labels) if is_image_model(gen.denoiser) else \
+            evaluator.evaluate_points(x, self.dataset)
+        return res, x
+
+    def on_train_end(self):
+        """Final figures under the full protocol (its sample count, so the floor applies): results.json."""
+        if self.trainer.global_rank != 0:
+            return
+        import json
+        from pathlib import Path
+
+        rows = [{"steps": n, **self.measure(n, None)[0]} for n in self.val_steps]
+        path = Path(self.trainer.default_root_dir) / "results.json"
+        tmp = path.with_name("results.json.tmp")
+        tmp.write_text(json.dumps({"iteration": self.iteration, "results": rows}, indent=2))
+        tmp.replace(path)
+
+    def on_validation_epoch_end(self):
+        if self.trainer.sanity_checking or self.trainer.global_rank != 0:
+            return
+        from pathlib import Path
+
+        from common.images import save_grid, save_scatter
+
+        out = Path(self.trainer.default_root_dir) / "samples"
+        for n in self.val_steps:
+            res, x = self.measure(n, self.val_num_samples)
+            keys = ("fd", "accuracy", "precision", "recall") if "fd" in res else ("swd", "modes_covered")
+            self.log_dict({f"val/{k}_{n}step": float(res[k]) for k in keys if k in res}, rank_zero_only=True)
+            name = out / f"it{self.iteration:07d}_{n}step.png"
+            if x.ndim == 4:
+                save_grid(x[:100], name, nrow=10)
+            else:
+                save_scatter(x, name, title=f"iteration {self.iteration}, {n} step(s)")
 
