@@ -1,0 +1,121 @@
+"""Uni-Instruct generator loss (papers/uni_instruct.md section 4), pure functions of tensors.
+
+``L_G,i = a_f(r_i) L_SIM,i + b_f(r_i) N_delta,i L_DI,i`` with every weight stop-gradient; ``y_r`` and
+``y_f`` are the teacher's and the fake score's x0-predictions at ``x_t = x_g + sigma n``, functions
+of ``x_g`` (the gradient flows through ``x_t``, not into the networks' weights).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _ones(r):
+    return torch.ones_like(r)
+
+
+def _zeros(r):
+    return torch.zeros_like(r)
+
+
+# preset -> (a_f, b_f); a_f = psi_f(r) = r^2 f''(r), b_f = r^2 psi_f''(r) (section 4 table)
+PRESETS = {
+    "rkl": (_ones, _zeros),  # f = -log r: SiD (alpha = 1)
+    "fkl": (lambda r: r, _zeros),  # f = r log r
+    "jeffrey": (lambda r: 1 + r, _zeros),
+    "js": (lambda r: r / (2 * (1 + r)), lambda r: -(r**2) / (1 + r) ** 3),  # unverified against Theorem 3.2
+    "chi2": (lambda r: 2 * r**2, lambda r: 4 * r**2),  # unverified against Theorem 3.2
+    "di": (_zeros, _ones),  # Diff-Instruct / DMD, r = 1 and N_delta = 1
+}
+
+
+def per_sample(x: Tensor) -> Tensor:
+    return x.flatten(1).sum(1)
+
+
+@torch.no_grad()
+def dmd_normaliser(x_g: Tensor, y_r: Tensor, min_norm: float = 1e-5) -> Tensor:
+    """``w_f = max(mean|x_g - y_r|, 1e-5)`` per sample."""
+    return (x_g - y_r).abs().flatten(1).mean(1).clamp_min(min_norm)
+
+
+def sid_loss(x_g: Tensor, y_r: Tensor, y_f: Tensor, w_f: Tensor, alpha: float = 1.0) -> Tensor:
+    """SiD / SIM score branch per sample: ``[(1 - alpha) ||y_r - y_f||^2 + <y_r - y_f, y_f - x_g>] / w_f``."""
+    d = y_r - y_f
+    return ((1 - alpha) * per_sample(d * d) + per_sample(d * (y_f - x_g))) / w_f
+
+
+def di_loss(x_g: Tensor, y_r: Tensor, y_f: Tensor, w_f: Tensor) -> Tensor:
+    """Diff-Instruct / DMD branch per sample: ``<x_g, sg((y_f - y_r) / w_f)>``, so ``dL/dx_g = g``."""
+    g = ((y_f - y_r) / w_f.view(-1, *([1] * (x_g.ndim - 1)))).detach()
+    return per_sample(x_g * g)
+
+
+@torch.no_grad()
+def density_ratio(logit: Tensor, mode: str = "logit_exp", selfnorm: bool = False, bce_mean: Tensor | None = None,
+                  chw: int | None = None, w_f: Tensor | None = None) -> Tensor:
+    """``r = q/p``. ``logit_exp`` (paper): ``exp(clamp(mean_hw logit, -10, 10))`` per sample, since
+    ``D = sigmoid(logit) ~ q / (q + p)``. ``code_bce`` (official code): ``-L / (1 - L)`` with
+    ``L = batch-mean BCE * C*H*W / w_f``, which is ~1 everywhere."""
+    if mode == "logit_exp":
+        r = torch.exp(logit.flatten(1).mean(1).clamp(-10, 10))
+    elif mode == "code_bce":
+        if bce_mean is None or chw is None or w_f is None:
+            raise ValueError("density_ratio='code_bce' needs the batch-mean BCE, C*H*W and w_f")
+        big = bce_mean * chw / w_f
+        r = -big / (1 - big)
+    else:
+        raise ValueError(f"unknown density_ratio {mode!r}; expected 'logit_exp' or 'code_bce'")
+    return r / r.mean() if selfnorm else r
+
+
+@torch.no_grad()
+def di_norm(y_r: Tensor, y_f: Tensor, w_f: Tensor, mode: str = "per_sample") -> Tensor:
+    """N_delta: ``RMS(y_r - y_f) / w_f`` per sample (default), the whole-batch 2-norm (code), or 1."""
+    d = y_r - y_f
+    if mode == "per_sample":
+        return d.flatten(1).pow(2).mean(1).sqrt() / w_f
+    if mode == "batch":
+        return d.norm().expand(len(d))
+    if mode == "none":
+        return torch.ones(len(d), device=d.device, dtype=d.dtype)
+    raise ValueError(f"unknown di_norm {mode!r}; expected per_sample, batch or none")
+
+
+def generator_loss(x_g: Tensor, y_r: Tensor, y_f: Tensor, r: Tensor, preset: str = "fkl", alpha: float = 1.0,
+                   norm: str = "per_sample", jeffrey_weights: tuple | None = None) -> Tensor:
+    """Per-sample ``L_G,i``. ``r`` is the stop-gradient density ratio (ignored by ``di``)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    w_f = dmd_normaliser(x_g, y_r)
+    if preset == "di":
+        return di_loss(x_g, y_r, y_f, w_f)
+    a_fn, b_fn = PRESETS[preset]
+    r = r.detach()
+    a = a_fn(r) if not (preset == "jeffrey" and jeffrey_weights) else jeffrey_weights[0] * r + jeffrey_weights[1]
+    b = b_fn(r)
+    loss = a * sid_loss(x_g, y_r, y_f, w_f, alpha)
+    if bool((b != 0).any()):
+        loss = loss + b * di_norm(y_r, y_f, w_f, norm) * di_loss(x_g, y_r, y_f, w_f)
+    return loss
+
+
+def critic_loss(y_f: Tensor, x_g: Tensor, weight: Tensor, logit_fake: Tensor | None = None,
+                logit_real: Tensor | None = None) -> Tensor:
+    """Fake-score DSM (x0 form, EDM weight) plus the discriminator's BCE on the shared encoder:
+    ``mean_i lambda ||y_f - x_g||^2 + mean_i lambda 1/2 [BCE(l_real, 1) + BCE(l_fake, 0)]``."""
+    dsm = weight * per_sample((y_f - x_g) ** 2)
+    if logit_fake is None:
+        return dsm.mean()
+    bce = 0.5 * (F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real), reduction="none")
+                 .flatten(1).mean(1)
+                 + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake), reduction="none")
+                 .flatten(1).mean(1))
+    return (dsm + weight * bce).mean()
+
+
+def generator_gan_loss(logit: Tensor, w_f: Tensor) -> Tensor:
+    """SiDA-style generator term per sample: ``BCE(clamp(l, +-10), 1) / w_f``."""
+    lg = logit.clamp(-10, 10)
+    return F.binary_cross_entropy_with_logits(lg, torch.ones_like(lg), reduction="none").flatten(1).mean(1) / w_f
