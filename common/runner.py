@@ -102,12 +102,13 @@ def build(cfg: dict):
     if cfg["run"]["wandb"]:
         os.environ.setdefault("WANDB_MODE", "offline")
         loggers.append(WandbLogger(save_dir=str(run_dir), offline=True, project="fewstep"))
+    trainer_kwargs = dict(cfg["trainer"])
     callbacks = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step{step:07d}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg["run"]["ckpt_every_n_steps"], save_last=True, save_top_k=1),
-        TQDMProgressBar(refresh_rate=10),
     ]
-    trainer_kwargs = dict(cfg["trainer"])
+    if trainer_kwargs.get("enable_progress_bar", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
     trainer_kwargs.setdefault("use_distributed_sampler", False)  # the data stream splits ranks itself
     trainer = L.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
                         plugins=[AtomicCheckpointIO()], **trainer_kwargs)

@@ -120,3 +120,22 @@ def test_timesteps_span_the_convention():
         # evenly spaced in flow time
         s = noise.match_time(ts[1:-1].double(), conv, noise.RectifiedFlow())
         torch.testing.assert_close(s.float(), torch.tensor([0.75, 0.5, 0.25]), rtol=1e-3, atol=1e-3)
+
+
+def test_convention_adapter_gives_an_edm_denoiser_on_a_flow_teacher():
+    """D(x_VE; sigma) of a flow model: sigma = s / (1 - s), x_VE = x_s / (1 - s), same x0."""
+    from common.teachers.adapters import ConventionAdapter
+
+    den = Denoiser(tiny_dit().double(), noise.RectifiedFlow(), "flow", time_scale=1000, null_label=3)
+    edm = ConventionAdapter(den, noise.EDM())
+    x0, eps = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    s = torch.tensor([0.3, 0.714], dtype=torch.float64)
+    y = torch.tensor([0, 1])
+    x_s = noise.RectifiedFlow().add_noise(x0, eps, s)
+    sigma = s / (1 - s)
+    x_ve = x_s / (1 - s).view(-1, 1, 1, 1)
+    torch.testing.assert_close(edm(x_ve, sigma, y), den.predict(x_s, s, y, "x0"))
+    # and the samplers accept it
+    ts = torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64)
+    out = SAMPLERS["euler"](edm, torch.randn(2, 1, 8, 8, dtype=torch.float64) * 80, ts, y)
+    assert torch.isfinite(out).all()
