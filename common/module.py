@@ -128,7 +128,8 @@ class DistillationModule(L.LightningModule):
                  schedule: list | None = None, val_steps: list | None = None, val_num_samples: int = 500,
                  dataset: str = "mnist"):
         super().__init__()
-        self.val_steps, self.val_num_samples, self.dataset = list(val_steps or [1]), val_num_samples, dataset
+        self.val_steps = [1] if val_steps is None else list(val_steps)  # [] turns sampling off
+        self.val_num_samples, self.dataset = val_num_samples, dataset
         self.automatic_optimization = False
         self.strict_loading = False  # frozen roles are not in checkpoints
         self.seed = seed
@@ -319,7 +320,7 @@ class DistillationModule(L.LightningModule):
 
     def on_train_end(self):
         """Final figures under the full protocol (its sample count, so the floor applies): results.json."""
-        if self.trainer.global_rank != 0:
+        if self.trainer.global_rank != 0 or not self.val_steps:
             return
         import json
         from pathlib import Path

@@ -28,7 +28,7 @@ class Recorder(DistillationModule):
     """Each role's loss records (iteration, role, first position of its batch slice)."""
 
     def __init__(self, roles: dict, schedule=None, nan_at: dict | None = None, split_batches=False):
-        super().__init__(seed=0, schedule=schedule, ema_beta=0.9)
+        super().__init__(seed=0, schedule=schedule, ema_beta=0.9, val_steps=[])
         self.calls = []
         self.nan_at = nan_at or {}
         self.split = split_batches

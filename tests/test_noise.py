@@ -5,7 +5,16 @@ import torch
 
 from common import noise
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    """The conversions are checked in float64; restore the default for the other test modules."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
 
 CONVENTIONS = [
     (noise.RectifiedFlow(), torch.tensor([0.05, 0.3, 0.5, 0.9])),
@@ -16,6 +25,7 @@ CONVENTIONS = [
     (noise.TrigFlow(0.5), torch.tensor([0.1, 0.5, 1.0, 1.4])),
     (noise.TrigFlow(1.0), torch.tensor([0.1, 0.5, 1.0, 1.4])),
 ]
+CONVENTIONS = [(c, t.double()) for c, t in CONVENTIONS]
 def kinds(conv):
     """v needs a^2 + b^2 = 1; TrigFlow's F needs (cos t, sigma_d sin t)."""
     if conv.name in ("vp", "ddpm") or (conv.name == "trigflow" and conv.data_scale == 1.0):
