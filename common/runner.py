@@ -82,9 +82,9 @@ def resume_path(cfg: dict) -> str | None:
     resume = cfg["run"]["resume"]
     if resume == "never":
         return None
-    if resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+    if resume == "auto":  # the newest of last.ckpt and SLURM's requeue checkpoints (hpc_ckpt_<n>.ckpt)
+        found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
     if not Path(resume).is_file():
         raise ConfigError(f"run.resume: checkpoint not found: {resume}")
     return resume
