@@ -21,7 +21,6 @@ owns the rest:
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,6 +29,8 @@ import lightning as L
 import torch
 from ema_pytorch import EMA
 from torch import Tensor, nn
+
+from common.rng import keyed_generator
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +113,6 @@ class StepContext:
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-def _seed(*keys: int) -> int:
-    h = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
 class DistillationModule(L.LightningModule):
@@ -206,7 +202,7 @@ class DistillationModule(L.LightningModule):
     def generator(self, purpose: int, position: int | None = None) -> torch.Generator:
         """A generator keyed by (seed, iteration, purpose[, global sample position])."""
         keys = (self.seed, self.iteration, purpose) + (() if position is None else (int(position),))
-        return torch.Generator().manual_seed(_seed(*keys))
+        return keyed_generator(*keys)
 
     def randn_per_sample(self, positions: Tensor, shape, purpose: int, dtype=torch.float32) -> Tensor:
         """Standard normal noise, one draw per sample keyed by its global position."""

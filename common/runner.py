@@ -11,9 +11,11 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from common.config import ConfigError, instantiate, to_yaml
+from common.requeue import RequeueOnSignal
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +112,12 @@ def build(cfg: dict):
     if trainer_kwargs.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     trainer_kwargs.setdefault("use_distributed_sampler", False)  # the data stream splits ranks itself
-    trainer = L.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
-                        plugins=[AtomicCheckpointIO()], **trainer_kwargs)
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # requeue at a safe point ourselves (common/requeue.py)
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        callbacks.append(RequeueOnSignal(str(run_dir)))
+    trainer = L.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks, plugins=plugins,
+                        **trainer_kwargs)
     if trainer.global_rank == 0:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     return trainer, module, datamodule, ckpt

@@ -63,6 +63,11 @@ def test_fit_writes_a_run_and_resumes_exactly(tmp_path):
     assert sorted(a) == list(range(20)) and sorted(b) == list(range(20))
     for step in range(20):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+    # the exported EMA weights are identical too (EMA updates are part of the checkpointed step)
+    wa = torch.load(full / "toy_8gaussians_mlp.pt", weights_only=True)["state_dict"]
+    wb = torch.load(part / "toy_8gaussians_mlp.pt", weights_only=True)["state_dict"]
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0)
     assert (full / "config.yaml").read_text().count("max_steps: 20") == 1
     assert (full / "toy_8gaussians_mlp.pt").is_file()  # run.export, inside the run directory
     assert sorted(p.name for p in (full / "samples").glob("*.png")) == ["step0000010.png", "step0000020.png"]

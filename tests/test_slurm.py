@@ -52,3 +52,96 @@ def test_array_job_gives_one_run_directory_per_task(cluster, tmp_path):
         assert (d / "toy_8gaussians_mlp.pt").is_file() and (d / "checkpoints" / "last.ckpt").is_file()
     logs = list((run / "slurm").glob("*.out"))
     assert len(logs) == 3
+
+
+def _losses(run_dir):
+    import csv
+
+    with open(run_dir / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+COMMON = ["trainer.max_steps=12", "trainer.val_check_interval=12", "trainer.log_every_n_steps=1",
+          "module.num_samples=50", "module.sample_steps=2", "data.batch_size=64", "run.ckpt_every_n_steps=4"]
+
+
+def test_two_task_ddp_matches_one_process(cluster, tmp_path):
+    """2 tasks (DDP over gloo) with the same global batch log the same losses as 1 process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "launchers/fit.py", TOY, *COMMON, f"run.dir={one}"], cwd=ROOT, check=True,
+                   capture_output=True)
+    p = subprocess.run([sys.executable, "launchers/slurm.py", TOY, *COMMON, "slurm.ntasks_per_node=2",
+                        "slurm.cpus_per_task=1", f"run.dir={two}"], cwd=ROOT, capture_output=True, text=True,
+                       env=cluster)
+    assert p.returncode == 0, p.stderr
+    slurm_cluster.wait_jobs(cluster)
+    log = next((two / "slurm").glob("*.out")).read_text()
+    assert "world_size: 2" in log or "GLOBAL_RANK: 1" in log, log[-2000:]
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == list(range(12))
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-5), k
+
+
+def test_requeued_job_resumes_and_ends_like_an_uninterrupted_run(cluster, tmp_path):
+    import time
+
+    import torch
+
+    ref, run = tmp_path / "ref", tmp_path / "req"
+    steps = ["trainer.max_steps=200", "trainer.val_check_interval=200", "trainer.log_every_n_steps=1",
+             "module.num_samples=50", "module.sample_steps=2", "data.batch_size=64", "run.ckpt_every_n_steps=30"]
+    subprocess.run([sys.executable, "launchers/fit.py", TOY, *steps, f"run.dir={ref}"], cwd=ROOT, check=True,
+                   capture_output=True)
+    p = subprocess.run([sys.executable, "launchers/slurm.py", TOY, *steps, "slurm.cpus_per_task=1",
+                        f"run.dir={run}"], cwd=ROOT, capture_output=True, text=True, env=cluster)
+    assert p.returncode == 0, p.stderr
+    job = p.stdout.split("submitted job ")[1].split(":")[0]
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step0000060.ckpt").is_file():  # well into the run
+        assert time.time() < deadline, "the job never reached step 60"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, env=cluster)
+    slurm_cluster.wait_jobs(cluster)
+    log = "".join(f.read_text() for f in (run / "slurm").glob("*.out"))
+    assert "requeue" in log.lower(), log[-3000:]
+    assert list(run.glob("hpc_ckpt_*.ckpt")), "no requeue checkpoint was written"
+    a, b = _losses(ref), _losses(run)
+    assert sorted(b) == list(range(200))
+    for k in (199, 198, 100):
+        assert b[k] == pytest.approx(a[k], rel=1e-5), k
+    wa = torch.load(ref / "toy_8gaussians_mlp.pt", weights_only=True)["state_dict"]
+    wb = torch.load(run / "toy_8gaussians_mlp.pt", weights_only=True)["state_dict"]
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+
+
+def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    """SIGKILL while the atomic checkpoint IO writes a large checkpoint: the last complete one stays."""
+    import signal
+    import time
+
+    import torch
+
+    path = tmp_path / "last.ckpt"
+    script = f"""
+import torch, sys
+sys.path.insert(0, {str(ROOT)!r})
+from common.runner import AtomicCheckpointIO
+io = AtomicCheckpointIO()
+io.save_checkpoint({{"step": 1, "w": torch.ones(4)}}, {str(path)!r})
+print("first", flush=True)
+io.save_checkpoint({{"step": 2, "w": torch.randn(400_000_000 // 4 * 4)}}, {str(path)!r})
+print("second", flush=True)
+"""
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "first"
+    tmp = path.with_name(path.name + ".tmp")
+    deadline = time.time() + 60
+    while not (tmp.is_file() and tmp.stat().st_size > 0):
+        assert time.time() < deadline and p.poll() is None, "the second write never started"
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    ck = torch.load(path, weights_only=True)
+    assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(4))

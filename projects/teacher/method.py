@@ -17,6 +17,7 @@ import torch
 from ema_pytorch import EMA
 
 from common.images import save_grid, save_scatter
+from common.rng import per_sample
 from common.sampling import generate
 from common.teachers.denoiser import Guided
 from common.teachers.embedded import build_net, flow_denoiser, save_weights
@@ -62,35 +63,35 @@ class FlowMatchingTeacher(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
                                                     "interval": "step"}}
 
-    def _generator(self, tag: int) -> torch.Generator:
-        # randomness keyed by (seed, global batch, purpose): identical on resume and across ranks
-        return torch.Generator().manual_seed(hash((self.hparams.seed, self.batches_seen, tag)) % (2**63))
-
     def training_step(self, batch, batch_idx):
         if self._t0 is None:
             self._t0 = time.time()
         x0, y, pos = batch
-        n = x0.shape[0]
-        # per-sample noise keyed by global position, so any rank split draws the same numbers
-        eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
-            int(p) * 7919 + self.hparams.seed)) for p in pos]).to(x0)
-        g = self._generator(1)
-        s = sample_flow_times(n, self.hparams.time_sampling, g, self.hparams.logit_mean,
-                              self.hparams.logit_std).to(x0)
+        h = self.hparams
+        # noise, time and label dropout drawn per sample, keyed by its global stream position: any
+        # split across ranks, and a resumed run, draw the same numbers
+        gens = per_sample(pos, h.seed)
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0)
+        s = torch.cat([sample_flow_times(1, h.time_sampling, g, h.logit_mean, h.logit_std) for g in gens]).to(x0)
         if self.net.num_classes:
-            drop = torch.rand(n, generator=g) < self.hparams.label_dropout
+            drop = torch.cat([torch.rand(1, generator=g) for g in gens]) < h.label_dropout
             y = torch.where(drop.to(y.device), torch.full_like(y, self.net.num_classes), y)
         else:  # unconditional (2-D toys)
             y = None
         x_s = self.denoiser.convention.add_noise(x0, eps, s)
         u = self.denoiser(x_s, s, y)
         loss = (u - (eps - x0)).pow(2).mean()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global-batch mean under DDP
         self.batches_seen += 1
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        # EMA right after the optimizer step, inside the step: callbacks' on_train_batch_end (the
+        # checkpoint writers) run before the module's, so an EMA update there would miss checkpoints
+        super().optimizer_step(*args, **kwargs)
         self.ema.update()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
         now = time.time()
         if self._t0 is not None:
             self.train_seconds += now - self._t0
