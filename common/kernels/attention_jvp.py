@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BLOCK_ELEMENTS = 1 << 22  # budget of one (B, H, N_block, M_block) score block: 16 MB in fp32
+BLOCK_ELEMENTS = 1 << 21  # one (B*H, N_block, M_block) score block: 8 MB in fp32 (fits a 32 MB L3 with its partners)
 
 
 def _mask_bias(mask: Tensor | None, dtype) -> Tensor | None:
@@ -87,6 +87,8 @@ def attention_tangent(q, k, v, o, dq, dk, dv, lse=None, mask=None, scale=None) -
     Accumulation is in fp32 for low-precision inputs. With ``lse`` (row log-sum-exp of the scores)
     the probabilities are exact per block; without it a running max and rescaled sums are kept.
     """
+    if lse is not None and mask is None:
+        return _tangent_with_lse(q, k, v, o, dq, dk, dv, lse, q.shape[-1] ** -0.5 if scale is None else scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     *lead, n, d = q.shape
@@ -103,41 +105,110 @@ def attention_tangent(q, k, v, o, dq, dk, dv, lse=None, mask=None, scale=None) -
         qi = q[..., i:i + bn, :].to(acc_dtype)
         qdqi = qdq[..., i:i + bn, :]
         oi = o[..., i:i + bn, :].to(acc_dtype)
-        li = None if lse is None else lse[..., i:i + bn].to(acc_dtype).unsqueeze(-1)
         acc = torch.zeros(qi.shape[:-1] + (d,), dtype=acc_dtype, device=q.device)
         mu = torch.zeros(qi.shape[:-1] + (1,), dtype=acc_dtype, device=q.device)
-        if li is None:
-            run_max = torch.full_like(mu, float("-inf"))
-            run_sum = torch.zeros_like(mu)
+        run_max = torch.full_like(mu, float("-inf"))
+        run_sum = torch.zeros_like(mu)
         for j in range(0, m, bm):
             s = (qi @ kt[..., j:j + bm]).mul_(scale)
             if bias is not None:
                 s.add_(bias[..., i:i + bn, j:j + bm])
             ds = (qdqi @ kdk_t[..., j:j + bm]).mul_(scale)
-            if li is not None:
-                p = s.sub_(li).exp_()
-            else:  # online softmax: rescale what was accumulated under the old row max
-                new_max = torch.maximum(run_max, s.amax(-1, keepdim=True))
-                safe = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-                alpha = torch.exp(run_max - safe)
-                p = s.sub_(safe).exp_()
-                run_sum.mul_(alpha).add_(p.sum(-1, keepdim=True))
-                acc.mul_(alpha)
-                mu.mul_(alpha)
-                run_max = new_max
+            # online softmax: rescale what was accumulated under the old row max
+            new_max = torch.maximum(run_max, s.amax(-1, keepdim=True))
+            safe = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+            alpha = torch.exp(run_max - safe)
+            p = s.sub_(safe).exp_()
+            run_sum.mul_(alpha).add_(p.sum(-1, keepdim=True))
+            acc.mul_(alpha)
+            mu.mul_(alpha)
+            run_max = new_max
             pds = ds.mul_(p)
             acc.add_(p @ dv_[..., j:j + bm, :]).add_(pds @ v_[..., j:j + bm, :])
             mu.add_(pds.sum(-1, keepdim=True))
-        if li is None:
-            inv = torch.where(run_sum > 0, 1 / run_sum, torch.zeros_like(run_sum))
-            acc.mul_(inv)
-            mu.mul_(inv)
-        out[..., i:i + bn, :] = acc - mu * oi
+        inv = torch.where(run_sum > 0, 1 / run_sum, torch.zeros_like(run_sum))
+        out[..., i:i + bn, :] = acc * inv - (mu * inv) * oi
     return out.to(q.dtype)
 
 
+def _flat_inputs(q, k, v, dq, dk, dv, acc_dtype):
+    """(rows, len, dim) views in the accumulation dtype, with the concatenations the streams use:
+    ``[Q dQ] [dK K]^T = Q dK^T + dQ K^T`` in one matmul, ``[V 1]`` for row sums inside matmuls."""
+    rows = math.prod(q.shape[:-2])
+    flat = lambda t: t.reshape(rows, t.shape[-2], t.shape[-1]).to(acc_dtype)  # noqa: E731
+    q_, k_, v_, dv_ = flat(q), flat(k), flat(v), flat(dv)
+    ones = torch.ones(rows, k.shape[-2], 1, dtype=acc_dtype, device=q.device)
+    return (q_, torch.cat([q_, flat(dq)], -1), k_.transpose(1, 2), torch.cat([flat(dk), k_], -1).transpose(1, 2),
+            v_, dv_, ones)
+
+
+def _tangent_with_lse(q, k, v, o, dq, dk, dv, lse, scale) -> Tensor:
+    """The tangent with exact probabilities ``p = exp(scale Q K^T - lse)`` (``- lse`` folded into the
+    score matmul), ``rowsum(P * dS)`` folded into ``(P * dS) [V 1]`` and the scale of dS applied
+    once to that accumulator: two elementwise passes over each score block."""
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    *lead, n, d = q.shape
+    rows, m = math.prod(lead), k.shape[-2]
+    bn, bm = _blocks(rows, n, m)
+    q_, qdq, kt, kdk_t, v_, dv_, ones = _flat_inputs(q, k, v, dq, dk, dv, acc_dtype)
+    v1 = torch.cat([v_, ones], -1)
+    neg_lse = -lse.reshape(rows, n, 1).to(acc_dtype)
+    o_ = o.reshape(rows, n, d).to(acc_dtype)
+    out = torch.empty(rows, n, d, dtype=acc_dtype, device=q.device)
+    for i in range(0, n, bn):
+        nb = min(bn, n - i)
+        pdv = torch.zeros(rows, nb, d, dtype=acc_dtype, device=q.device)
+        t = torch.zeros(rows, nb, d + 1, dtype=acc_dtype, device=q.device)  # [(P*dS/scale) V, rowsum]
+        for j in range(0, m, bm):
+            p = torch.baddbmm(neg_lse[:, i:i + bn], q_[:, i:i + bn], kt[:, :, j:j + bm], alpha=scale).exp_()
+            pds = torch.bmm(qdq[:, i:i + bn], kdk_t[:, :, j:j + bm]).mul_(p)
+            pdv.baddbmm_(p, dv_[:, j:j + bm])
+            t.baddbmm_(pds, v1[:, j:j + bm])
+        t.mul_(scale)
+        out[:, i:i + bn] = pdv + t[..., :d] - t[..., d:] * o_[:, i:i + bn]
+    return out.reshape(q.shape).to(q.dtype)
+
+
+def _fused_jvp(q, k, v, dq, dk, dv, scale) -> tuple[Tensor, Tensor]:
+    """O and dO in one stream (FlashAttention-2 style online softmax): ``p [V dV 1]`` accumulates
+    the output, ``P dV`` and the row sum in one matmul, ``(P * dS) [V 1]`` the rest; 12 N M d flops
+    against 4 N M d for a plain attention forward."""
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    *lead, n, d = q.shape
+    rows, m = math.prod(lead), k.shape[-2]
+    bn, bm = _blocks(rows, n, m)
+    q_, qdq, kt, kdk_t, v_, dv_, ones = _flat_inputs(q, k, v, dq, dk, dv, acc_dtype)
+    vdv1, v1 = torch.cat([v_, dv_, ones], -1), torch.cat([v_, ones], -1)
+    o = torch.empty(rows, n, d, dtype=acc_dtype, device=q.device)
+    do = torch.empty(rows, n, d, dtype=acc_dtype, device=q.device)
+    for i in range(0, n, bn):
+        nb = min(bn, n - i)
+        a = torch.zeros(rows, nb, 2 * d + 1, dtype=acc_dtype, device=q.device)  # [P V, P dV, rowsum P]
+        t = torch.zeros(rows, nb, d + 1, dtype=acc_dtype, device=q.device)  # [(P*dS/scale) V, rowsum]
+        run_max = torch.full((rows, nb, 1), float("-inf"), dtype=acc_dtype, device=q.device)
+        for j in range(0, m, bm):
+            s = torch.bmm(q_[:, i:i + bn], kt[:, :, j:j + bm]).mul_(scale)
+            new_max = torch.maximum(run_max, s.amax(-1, keepdim=True))
+            alpha = torch.exp(run_max - new_max)
+            p = s.sub_(new_max).exp_()
+            pds = torch.bmm(qdq[:, i:i + bn], kdk_t[:, :, j:j + bm]).mul_(p)
+            a.mul_(alpha).baddbmm_(p, vdv1[:, j:j + bm])
+            t.mul_(alpha).baddbmm_(pds, v1[:, j:j + bm])
+            run_max = new_max
+        inv = 1 / a[..., 2 * d:]
+        oi = a[..., :d] * inv
+        o[:, i:i + bn] = oi
+        do[:, i:i + bn] = (a[..., d:2 * d] + scale * t[..., :d]) * inv - (scale * t[..., d:] * inv) * oi
+    return o.reshape(q.shape).to(q.dtype), do.reshape(q.shape).to(q.dtype)
+
+
+@torch.no_grad()
 def attention_jvp(q, k, v, dq, dk, dv, mask=None, scale=None) -> tuple[Tensor, Tensor]:
-    """Memory-efficient (O, dO): fused primal, streamed tangent."""
+    """Memory-efficient (O, dO). Without a mask: one fused stream for both; with a mask: the fused
+    SDPA primal, then the streamed tangent."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if mask is None:
+        return _fused_jvp(q, k, v, dq, dk, dv, scale)
     o, lse = attention_forward(q, k, v, mask, scale)
     return o, attention_tangent(q, k, v, o, dq, dk, dv, lse, mask, scale)
 
