@@ -83,7 +83,7 @@ def suite_guidance(args) -> tuple[dict, list[dict]]:
     gen = load_generator("teacher:mnist")
     steps = args.steps[0] if args.steps else 16
     rows = []
-    for scale in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0):
+    for scale in (1.0, 1.5, 2.0, 3.0):
         r = measure(gen, steps, scale, progress=True)
         rows.append(r)
         print(json.dumps(r), flush=True)
