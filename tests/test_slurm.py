@@ -75,7 +75,7 @@ def test_two_task_ddp_matches_one_process(cluster, tmp_path):
                        env=cluster)
     assert p.returncode == 0, p.stderr
     slurm_cluster.wait_jobs(cluster)
-    log = next((two / "slurm").glob("*.out")).read_text()
+    log = next((two / "slurm").glob("*.out")).read_text(errors="replace")
     assert "world_size: 2" in log or "GLOBAL_RANK: 1" in log, log[-2000:]
     a, b = _losses(one), _losses(two)
     assert sorted(a) == sorted(b) == list(range(12))
@@ -103,7 +103,7 @@ def test_requeued_job_resumes_and_ends_like_an_uninterrupted_run(cluster, tmp_pa
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", job], check=True, env=cluster)
     slurm_cluster.wait_jobs(cluster)
-    log = "".join(f.read_text() for f in (run / "slurm").glob("*.out"))
+    log = "".join(f.read_text(errors="replace") for f in (run / "slurm").glob("*.out"))
     assert "requeue" in log.lower(), log[-3000:]
     assert list(run.glob("hpc_ckpt_*.ckpt")), "no requeue checkpoint was written"
     a, b = _losses(ref), _losses(run)
