@@ -32,7 +32,7 @@ def is_image_model(den) -> bool:
 
 
 def draw(gen: Generator, steps: int, guidance: float | None, num_samples: int | None = None, seed: int | None = None,
-         mode: str = "standard", sampler: str | None = None, dataset: str = "mnist", progress: bool = False):
+         mode: str = "standard", sampler: str | None = None, progress: bool = False):
     """Samples and their labels under the protocol (balanced labels, pinned seed)."""
     den = guided(gen, guidance, mode)
     if is_image_model(gen.denoiser):
@@ -54,7 +54,7 @@ def draw(gen: Generator, steps: int, guidance: float | None, num_samples: int | 
 
 def measure(gen: Generator, steps: int, guidance: float | None, dataset: str = "mnist", **kw) -> dict:
     t0 = time.time()
-    x, labels = draw(gen, steps, guidance, dataset=dataset, **kw)
+    x, labels = draw(gen, steps, guidance, **kw)
     seconds = time.time() - t0
     if is_image_model(gen.denoiser):
         out = evaluator.evaluate_images(x, labels)

@@ -309,7 +309,7 @@ class DistillationModule(L.LightningModule):
         from common.metrics import evaluator
 
         gen = Generator(self.generator_denoiser().eval(), self.sampler, "training", False)
-        x, labels = draw(gen, steps, None, num_samples=num_samples, dataset=self.dataset)
+        x, labels = draw(gen, steps, None, num_samples=num_samples)
         res = evaluator.evaluate_images(x, labels) if is_image_model(gen.denoiser) else \
             evaluator.evaluate_points(x, self.dataset)
         return res, x
