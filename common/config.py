@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -114,6 +115,16 @@ def _type_ok(value, ann) -> bool:
     return True  # other classes (callables, tensors) are not set from YAML
 
 
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _yaml11_float(value, ann):
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; where a float is expected, take it as the float."""
+    if isinstance(value, str) and _FLOAT_RE.match(value) and not _type_ok(value, ann) and _type_ok(1.0, ann):
+        return float(value)
+    return value
+
+
 def _type_name(ann) -> str:
     return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
 
@@ -124,6 +135,7 @@ def _check_kwargs(section: str, values: dict, params: dict, owner: str) -> dict:
         if k not in params:
             raise ConfigError(f"unknown config key '{section}.{k}' ({owner} accepts: {', '.join(sorted(params))})")
         ann = params[k][0]
+        v = _yaml11_float(v, ann)
         if not _type_ok(v, ann):
             raise ConfigError(f"config key '{section}.{k}' has type {type(v).__name__}, "
                               f"expected {_type_name(ann)} (got {v!r})")

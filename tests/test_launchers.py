@@ -40,6 +40,8 @@ def test_unknown_key_wrong_type_and_missing_checkpoint_are_named_errors(tmp_path
 def test_dry_run_prints_the_resolved_config():
     p = run("launchers/fit.py", TOY, "module.lr=0.01", "--dry-run", check=True)
     assert "lr: 0.01" in p.stdout
+    # YAML 1.1 reads 1e-4 as a string; where a float is expected it is the float
+    assert "lr: 0.0001" in run("launchers/fit.py", TOY, "module.lr=1e-4", "--dry-run", check=True).stdout
     assert "logit_std: 1.0" in p.stdout  # a default filled in from the signature
     assert "dir: runs/teacher/toy_8gaussians" in p.stdout
 
