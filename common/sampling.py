@@ -94,6 +94,35 @@ def sample_multistep(model, x: Tensor, ts: Tensor, cond=None, generator=None, ca
     return x
 
 
+class OneStepGenerator(torch.nn.Module):
+    """A one-step generator ``x0 = fn(z, cond)`` seen as a denoiser by :func:`sample_multistep`: the
+    sampler's start ``x = b(t_noise) z`` is turned back into ``z``. It is one-step only; a call at any
+    other time is an error rather than a silently wrong re-noising."""
+
+    def __init__(self, fn: Callable, convention: noise.Convention, net: torch.nn.Module | None = None):
+        super().__init__()
+        self.fn, self.convention, self._net = fn, convention, net
+        self.null_label = None
+
+    @property
+    def net(self):
+        return self._net
+
+    def level(self, t):
+        return self.convention.level(t)
+
+    def x0_eps(self, x: Tensor, t, cond):
+        from common.teachers.denoiser import Prediction
+
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if not torch.allclose(t, torch.tensor(float(self.convention.t_noise), dtype=torch.float64)):
+            raise ValueError("a one-step generator samples with 1 step only (steps=1)")
+        b = float(self.convention.level(t.reshape(-1)[:1]).b)
+        z = x / b
+        x0 = self.fn(z, cond)
+        return Prediction(x0, z)
+
+
 SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "multistep": sample_multistep}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -108,3 +109,23 @@ class EmbeddedDataModule(L.LightningDataModule):
             return DataLoader(PositionDataset(x, y, self.seed, shuffle=False), batch_size=500)
         # generative models sample in their validation hook: one dummy batch triggers it
         return DataLoader([0], batch_size=1)
+
+
+class ShardDataModule(EmbeddedDataModule):
+    """Image shards on local disk (``<dir>/<prefix>-*.tar`` with ``png`` images and ``cls`` labels, e.g.
+    CIFAR-10 written by ``data/build_image_shards.py``), read into memory: the same resumable,
+    rank-independent stream as the embedded sets. Fine up to a few GB (CIFAR-10: 150 MB)."""
+
+    def __init__(self, shards: str, prefix: str = "train", batch_size: int = 64, num_workers: int = 0,
+                 seed: int = 0):
+        super().__init__("mnist", batch_size, num_workers, seed)
+        self.shards, self.prefix = shards, prefix
+
+    def setup(self, stage=None):
+        from common.data.shards import read_shards, shard_paths
+
+        arrays, _ = read_shards(shard_paths(self.shards, self.prefix), {"image": "png", "label": "cls"})
+        img = arrays["image"]
+        img = img[..., None] if img.ndim == 3 else img  # grey (N, H, W) -> (N, H, W, 1)
+        x = torch.from_numpy(img.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2).contiguous()
+        self.dataset = PositionDataset(x, torch.from_numpy(arrays["label"].astype(np.int64)), self.seed)

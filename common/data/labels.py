@@ -6,6 +6,8 @@ has the same properties as common/data/datamodule.py (rank split, resume); batch
 """
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -36,9 +38,61 @@ class LabelDataModule(L.LightningDataModule):
         if self.batch_size % world:
             raise ValueError(f"data.batch_size={self.batch_size} (global) is not divisible by world size {world}")
         start = int(getattr(t.lightning_module, "batches_seen", 0)) if t is not None else 0
-        return DataLoader(LabelDataset(self.num_classes, self.seed),
+        return DataLoader(self._dataset(),
                           batch_sampler=StreamBatchSampler(self.batch_size // world, rank, world, start_batch=start),
                           num_workers=self.num_workers)
 
+    def _dataset(self):
+        return LabelDataset(self.num_classes, self.seed)
+
     def val_dataloader(self):
         return DataLoader([0], batch_size=1)
+
+
+class PromptDataset(Dataset):
+    """Precomputed prompt embeddings, one per global position through the epoch permutation."""
+
+    def __init__(self, embeddings: torch.Tensor, seed: int):
+        from common.data.datamodule import epoch_permutation
+
+        self.emb, self.seed, self._perm = embeddings, seed, epoch_permutation
+        self._cache = (-1, None)
+
+    def __len__(self):
+        return 1 << 62
+
+    def __getitem__(self, pos: int):
+        n = len(self.emb)
+        e = pos // n
+        if self._cache[0] != e:
+            self._cache = (e, self._perm(n, self.seed, e))
+        return self.emb[int(self._cache[1][pos % n])].float(), pos
+
+
+def load_prompt_file(path: str) -> dict:
+    """An ``.npz`` of text embeddings written by ``data/build_prompt_embeddings.py``: ``embeddings``
+    (N, L, D) and ``null`` (L, D), the empty prompt's embedding."""
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt embeddings not found: {path}")
+    with np.load(path) as f:
+        missing = {"embeddings", "null"} - set(f.files)
+        if missing:
+            raise KeyError(f"{path}: missing array(s) {sorted(missing)}")
+        emb, null = torch.from_numpy(f["embeddings"]), torch.from_numpy(f["null"])
+    if emb.ndim != 3 or null.shape != emb.shape[1:]:
+        raise ValueError(f"{path}: embeddings {tuple(emb.shape)} and null {tuple(null.shape)} do not match "
+                         f"(expected (N, L, D) and (L, D))")
+    return {"embeddings": emb, "null": null}
+
+
+class PromptDataModule(LabelDataModule):
+    """Prompts only, never images (SwiftBrush at paper scale): batches are ``(embeddings, positions)``."""
+
+    def __init__(self, embeddings: str, batch_size: int = 16, seed: int = 0, num_workers: int = 0):
+        super().__init__(1, batch_size, seed, num_workers)
+        self.path = embeddings
+
+    def _dataset(self):
+        return PromptDataset(load_prompt_file(self.path)["embeddings"], self.seed)

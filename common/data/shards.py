@@ -1,7 +1,7 @@
 """WebDataset shards: writing, and reading small embedded sets into memory.
 
 A shard is a plain tar file whose members are ``<key>.<ext>`` (the WebDataset layout), so the
-same files stream through ``webdataset.WebDataset`` at scale (see :mod:`common.data.stream`).
+same files stream through ``webdataset.WebDataset`` at scale.
 Embedded sets are small (a few MB), so :func:`read_shards` decodes them once into arrays: that
 gives random access, which makes the data order a pure function of (seed, sample index) and so
 exactly resumable and independent of the number of ranks and workers.

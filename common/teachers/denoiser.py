@@ -46,6 +46,16 @@ class Denoiser(nn.Module):
             return torch.full_like(cond, self.null_label)
         raise ValueError("this denoiser has no null condition for classifier-free guidance")
 
+    def drop_cond(self, cond, mask: Tensor):
+        """``cond`` with the rows where ``mask`` holds replaced by the null condition (label dropout)."""
+        null = self.null_cond(cond)
+        return torch.where(mask.view(-1, *([1] * (cond.ndim - 1))), null, cond)
+
+    def with_net(self, net: nn.Module) -> "Denoiser":
+        """The same convention, prediction, time scale and null condition around another network
+        (a student or critic initialised from this teacher)."""
+        return Denoiser(net, self.convention, self.prediction, self.time_scale, self.null_label)
+
     def level(self, t: Tensor) -> noise.NoiseLevel:
         return self.convention.level(t)
 

@@ -55,7 +55,12 @@ def load_weights(path: str | os.PathLike) -> dict:
 
 
 def load_teacher(name_or_path: str = "mnist", frozen: bool = True) -> Denoiser:
-    """An embedded teacher by name (``mnist``, ``8gaussians``, ``checkerboard``) or a weights file path."""
+    """An embedded teacher by name (``mnist``, ``8gaussians``, ``checkerboard``), a weights file path, or
+    ``diffusers:<directory or cached hub id>`` (:mod:`common.teachers.hub`)."""
+    if name_or_path.startswith("diffusers:"):
+        from common.teachers.hub import load_diffusers_teacher
+
+        return load_diffusers_teacher(name_or_path, frozen=frozen)
     path = EMBEDDED.get(name_or_path, Path(name_or_path))
     ckpt = load_weights(path)
     net = build_net(ckpt["net"])

@@ -15,10 +15,13 @@ import copy
 
 import torch
 
+from common import noise
 from common.critics.lora import adapters_disabled, add_lora, lora_parameters
 from common.module import DistillationModule, Role
-from common.teachers.denoiser import Denoiser, Guided
-from common.teachers.embedded import flow_denoiser, load_teacher
+from common.sampling import OneStepGenerator
+from common.teachers.denoiser import Guided
+from common.teachers.embedded import load_teacher
+from common.teachers.hub import load_null_embedding
 from projects.swiftbrush.losses import fake_score_loss, vsd_generator_loss
 
 NOISE, TIME, DROP, TIME_C, NOISE_C = 1, 2, 3, 4, 5  # random-stream purposes
@@ -27,34 +30,46 @@ NOISE, TIME, DROP, TIME_C, NOISE_C = 1, 2, 3, 4, 5  # random-stream purposes
 class SwiftBrush(DistillationModule):
     def __init__(self, teacher: str = "mnist", guidance: float = 2.0, guidance_mode: str = "standard",
                  fake_cfg: str = "none", fake_loss_weight: str = "uniform", critic: str = "lora",
-                 lora_rank: int = 16, lora_alpha: float = 16.0, s_min: float = 0.02, s_max: float = 0.98,
-                 label_dropout: float = 0.1, student_lr: float = 1e-5, critic_lr: float = 1e-3,
-                 betas: list = (0.9, 0.999), grad_clip: float = 1.0, **base):
+                 lora_rank: int = 16, lora_alpha: float = 16.0, lora_targets: list | None = None,
+                 s_min: float = 0.02, s_max: float = 0.98, label_dropout: float = 0.1,
+                 student_time: float | None = None, null_embedding: str | None = None,
+                 student_lr: float = 1e-5, critic_lr: float = 1e-3, betas: list = (0.9, 0.999),
+                 grad_clip: float = 1.0, **base):
         super().__init__(**base)
         if fake_cfg not in ("none", "same_as_teacher"):
             raise ValueError(f"fake_cfg must be 'none' or 'same_as_teacher', got {fake_cfg!r}")
         if critic not in ("lora", "full"):
             raise ValueError(f"critic must be 'lora' or 'full', got {critic!r}")
         self.save_hyperparameters()
-        h = self.hparams
-        teacher = load_teacher(teacher)
-        self.num_classes = teacher.null_label
-        self.sample_shape = (teacher.net.in_channels, teacher.net.image_size, teacher.net.image_size)
-        student = copy.deepcopy(teacher.net).requires_grad_(True).train()
-        self.add_role(Role("teacher", teacher.net, False, f"embedded:{h.teacher}", source=teacher.source))
+        den = load_teacher(teacher)
+        if null_embedding is not None:  # text teachers: the empty prompt's embedding, from the prompt file
+            den.null_embedding = load_null_embedding(null_embedding)
+        net = den.net
+        self.sample_shape = (net.in_channels, net.image_size, net.image_size)
+        conv = den.convention
+        self.t_g = float(conv.t_noise if student_time is None else student_time)  # the student's one time
+        student = copy.deepcopy(net).requires_grad_(True).train()
+        self.add_role(Role("teacher", net, False, teacher, source=den.source))
         if critic == "lora":  # the fake score shares the teacher's frozen weights, trains adapters only
-            net = add_lora(teacher.net, rank=lora_rank, alpha=lora_alpha)
-            self.add_role(Role("critic", net, True, "lora-on-teacher", lr=critic_lr, betas=tuple(betas),
+            fake_net = add_lora(net, rank=lora_rank, alpha=lora_alpha, targets=lora_targets)
+            self.add_role(Role("critic", fake_net, True, "lora-on-teacher", lr=critic_lr, betas=tuple(betas),
                                grad_clip=grad_clip, params=lora_parameters))
         else:
-            self.add_role(Role("critic", copy.deepcopy(teacher.net).requires_grad_(True), True, "teacher-copy",
-                               lr=critic_lr, betas=tuple(betas), grad_clip=grad_clip))
+            fake_net = copy.deepcopy(net).requires_grad_(True)
+            self.add_role(Role("critic", fake_net, True, "teacher-copy", lr=critic_lr, betas=tuple(betas),
+                               grad_clip=grad_clip))
         self.add_role(Role("student", student, True, "teacher", lr=student_lr, betas=tuple(betas),
                            grad_clip=grad_clip))
-        self.teacher = flow_denoiser(self.roles["teacher"].net)
-        self.fake = flow_denoiser(self.roles["critic"].net)
-        self.student = flow_denoiser(student)
-        self._x0 = None
+        self.teacher, self.fake, self.student = den, den.with_net(fake_net), den.with_net(student)
+
+    def _time(self, u, lo, hi):
+        """A time at the fractions [lo, hi] of the teacher's axis: ``t ~ U{lo T..hi T}`` for a discrete
+        VP teacher (the paper's [20, 980] of 1000 steps), ``s ~ U[lo, hi]`` for a flow teacher."""
+        conv = self.teacher.convention
+        if isinstance(conv, noise.DiscreteVP):
+            a, b = round(lo * conv.num_steps), min(round(hi * conv.num_steps), conv.num_steps - 1)
+            return torch.floor(a + u * (b - a + 1)).clamp(max=b)
+        return lo + (hi - lo) * u
 
     def _teacher_call(self, x, s, c):
         den = Guided(self.teacher, self.hparams.guidance, self.hparams.guidance_mode)
@@ -64,9 +79,14 @@ class SwiftBrush(DistillationModule):
         return den.x0_eps(x, s, c)
 
     def generate(self, z, c, net=None):
-        """One step from pure noise: ``x0 = z - u(z, 1, c)``."""
-        den = self.student if net is None else flow_denoiser(net)
-        return den.predict(z, torch.ones(len(z), device=z.device), c, "x0")
+        """One step from pure noise at the teacher's last time, in the teacher's parameterisation: VP
+        ``x0 = (z - sigma_T eps(z, T, c)) / alpha_T``, flow ``x0 = z - u(z, 1, c)``. ``student_time``
+        below the last time feeds ``x = z b(t_g) / b(T)`` (an extension, not the paper's form)."""
+        den = self.student if net is None else self.teacher.with_net(net)
+        conv = den.convention
+        t = torch.full((len(z),), self.t_g, device=z.device)
+        scale = float(conv.level(t[:1].double()).b / conv.level(torch.tensor([float(conv.t_noise)])).b)
+        return den.predict(z * scale, t, c, "x0")
 
     # ---------------------------------------------------------------- steps (algorithm box, section 4)
     def loss_student(self, batch, ctx):
@@ -74,7 +94,7 @@ class SwiftBrush(DistillationModule):
         h = self.hparams
         z = self.randn_per_sample(pos, self.sample_shape, NOISE)
         x0 = self.generate(z, c)  # 1. student sample, with grad
-        s = h.s_min + (h.s_max - h.s_min) * self.rand_per_sample(pos, TIME)  # 2. t ~ U[t_min, t_max]
+        s = self._time(self.rand_per_sample(pos, TIME), h.s_min, h.s_max)  # 2. t ~ U[t_min, t_max]
         eps = self.randn_per_sample(pos, self.sample_shape, NOISE + 10)
         x_s = self.student.convention.add_noise(x0.detach(), eps, s)
         with torch.no_grad():
@@ -91,13 +111,14 @@ class SwiftBrush(DistillationModule):
         c, pos = batch
         h = self.hparams
         x0 = self._x0  # 3. the same student samples, stop-gradient
-        s = self.rand_per_sample(pos, TIME_C).clamp(1e-3, 1 - 1e-3)
+        s = self._time(self.rand_per_sample(pos, TIME_C), 1e-3, 1 - 1e-3)  # t' ~ U{0..T-1} (VP)
         eps = self.randn_per_sample(pos, self.sample_shape, NOISE_C)
         x_s = self.fake.convention.add_noise(x0, eps, s)
         drop = self.rand_per_sample(pos, DROP) < h.label_dropout  # keeps eps_psi(., null) meaningful
-        c = torch.where(drop, torch.full_like(c, self.num_classes), c)
+        c = self.teacher.drop_cond(c, drop)
         pred = self.fake(x_s, s, c)
         return fake_score_loss(pred, x0, eps, x_s, self.fake.level(s), self.fake.prediction, h.fake_loss_weight), {}
 
-    def generator_denoiser(self) -> Denoiser:
-        return flow_denoiser(self.ema.ema_model)
+    def generator_denoiser(self) -> OneStepGenerator:
+        ema = self.ema.ema_model
+        return OneStepGenerator(lambda z, c: self.generate(z, c, ema), self.teacher.convention, ema)

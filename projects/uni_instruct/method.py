@@ -22,8 +22,10 @@ import torch
 
 from common import noise
 from common.module import DistillationModule, Role
+from common.sampling import OneStepGenerator
 from common.teachers.adapters import ConventionAdapter
-from common.teachers.embedded import flow_denoiser, load_teacher
+from common.teachers.denoiser import Guided
+from common.teachers.embedded import load_teacher
 from projects.uni_instruct.losses import (critic_loss, density_ratio, dmd_normaliser, generator_gan_loss,
                                           generator_loss)
 
@@ -41,22 +43,26 @@ class UniInstruct(DistillationModule):
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, t_max: float = 0.8,
                  gan: bool = True, gan_weight: float = 0.01, g_scale: float = 100.0, feature_block: str = "block3",
                  warmup_until: int = 100, sid_until: int = 200, student_lr: float = 1e-5, critic_lr: float = 1e-5,
-                 betas: list = (0.0, 0.999), **base):
+                 betas: list = (0.0, 0.999), guidance: float = 1.0, guidance_mode: str = "standard", **base):
         if base.get("schedule") is None:  # fake-score warm-up, then critic first, then the generator
             base["schedule"] = [{"until": warmup_until, "cycle": [["critic"]]},
                                 {"until": None, "cycle": [["critic", "student"]]}]
         super().__init__(**base)
         self.save_hyperparameters()
         t = load_teacher(teacher)
-        self.add_role(Role("teacher", t.net, False, f"embedded:{teacher}", source=t.source))
+        self.add_role(Role("teacher", t.net, False, teacher, source=t.source))
         self.add_role(Role("critic", copy.deepcopy(t.net).requires_grad_(True).train(), True, "teacher-copy",
                            lr=critic_lr, betas=tuple(betas)))
         self.add_role(Role("student", copy.deepcopy(t.net).requires_grad_(True).train(), True, "teacher",
                            lr=student_lr, betas=tuple(betas)))
         edm = noise.EDM(sigma_min, sigma_max)
-        self.teacher = ConventionAdapter(flow_denoiser(self.roles["teacher"].net), edm)
-        self.fake = ConventionAdapter(flow_denoiser(self.roles["critic"].net), edm)
-        self.student = ConventionAdapter(flow_denoiser(self.roles["student"].net), edm)
+        teacher_den = t
+        if guidance != 1.0 or guidance_mode != "standard":  # the paper's EDM teachers run unguided (spec section 5)
+            teacher_den = Guided(teacher_den, guidance, guidance_mode)
+        self.teacher = ConventionAdapter(teacher_den, edm)
+        self.fake = ConventionAdapter(t.with_net(self.roles["critic"].net), edm)
+        self.student = ConventionAdapter(t.with_net(self.roles["student"].net), edm)
+        self._with_net = t.with_net
         net = t.net
         self.sample_shape = (net.in_channels, net.image_size, net.image_size)
         self.chw = math.prod(self.sample_shape)
@@ -69,8 +75,9 @@ class UniInstruct(DistillationModule):
 
     def _fake_with_logits(self, x, sigma, y):
         p, feats = self.fake.x0_eps(x, sigma, y, return_features=[self.hparams.feature_block])
-        tokens = feats[self.hparams.feature_block]  # (B, N, D)
-        return p.x0, tokens.mean(-1)  # logit map: channel mean of the tokens, (B, N)
+        f = feats[self.hparams.feature_block]
+        # logit map: the channel mean of the features, tokens (B, N, D) -> (B, N), maps (B, C, h, w) -> (B, h, w)
+        return p.x0, f.mean(-1) if f.ndim == 3 else f.mean(1)
 
     def _halves(self, batch, role):
         x, y, pos = batch
@@ -125,32 +132,8 @@ class UniInstruct(DistillationModule):
         return loss, logs
 
     # ---------------------------------------------------------------- sampling
-    def generator_denoiser(self):
-        """The EMA generator as a one-step Denoiser: at any time it returns ``G(sigma_init z)`` for the
-        noise ``z`` implied by its input, so the one-step multistep sampler gives exactly G's sample."""
-        return OneStep(flow_denoiser(self.ema.ema_model), self.hparams.sigma_init, self.hparams.sigma_min,
-                       self.hparams.sigma_max)
-
-
-class OneStep(torch.nn.Module):
-    """Sampling wrapper: convention EDM; the sampler's start noise ``x = sigma_max z`` becomes ``z``."""
-
-    def __init__(self, flow_den, sigma_init, sigma_min, sigma_max):
-        super().__init__()
-        self.convention = noise.EDM(sigma_min, sigma_max)
-        self.inner = ConventionAdapter(flow_den, self.convention)
-        self.sigma_init = sigma_init
-        self.null_label = None
-
-    @property
-    def net(self):
-        return self.inner.net
-
-    def level(self, t):
-        return self.convention.level(t)
-
-    def x0_eps(self, x, t, cond):
-        sigma = torch.as_tensor(t, dtype=torch.float64)
-        z = x / sigma.to(x.dtype)
-        s = torch.full((len(x),), self.sigma_init, device=x.device)
-        return self.inner.x0_eps(self.sigma_init * z, s, cond)
+    def generator_denoiser(self) -> OneStepGenerator:
+        """The EMA generator, sampled with one step from the EDM prior's noise."""
+        ema = self.ema.ema_model
+        den = ConventionAdapter(self._with_net(ema), self.student.convention)
+        return OneStepGenerator(lambda z, y: self.generate(z, y, den), self.student.convention, ema)

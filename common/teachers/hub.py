@@ -1,0 +1,148 @@
+"""Real (paper-scale) teachers through diffusers: a pixel or latent UNet with its DDPM scheduler
+config, wrapped as a :class:`~common.teachers.denoiser.Denoiser`.
+
+Weights load from a local directory or from a hub cache the user already has
+(``local_files_only=True``): nothing is ever downloaded. The teacher is named
+``diffusers:<directory or hub id>`` wherever a teacher is named (``load_teacher``).
+
+Conditions: a text-conditioned UNet (``UNet2DConditionModel``) takes ``cond`` as precomputed text
+embeddings (B, L, D), with the empty-prompt embedding as the null condition; a class-conditional
+``UNet2DModel`` takes labels; an unconditional one ignores ``cond``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from common import noise
+from common.teachers.denoiser import Denoiser
+
+PREFIX = "diffusers:"
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+class DiffusersNet(nn.Module):
+    """``net(x, t, cond, return_features=[...])`` over a diffusers UNet; features are the outputs of
+    named submodules (for example ``mid_block``), captured by forward hooks, as maps (B, C, h, w)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        self.in_channels = cfg.in_channels
+        size = cfg.sample_size
+        self.image_size = size if isinstance(size, int) else size[0]
+        self.text_conditioned = getattr(cfg, "cross_attention_dim", None) is not None
+        self.class_conditioned = bool(getattr(cfg, "num_class_embeds", None)) or \
+            getattr(cfg, "class_embed_type", None) is not None
+
+    def forward(self, x: Tensor, t: Tensor, cond=None, return_features: list[str] | None = None):
+        feats, hooks = {}, []
+        for name in return_features or ():
+            module = dict(self.model.named_modules()).get(name)
+            if module is None:
+                raise KeyError(f"no submodule {name!r} in {type(self.model).__name__} to return features from")
+            hooks.append(module.register_forward_hook(
+                lambda _m, _i, out, name=name: feats.__setitem__(name, out[0] if isinstance(out, tuple) else out)))
+        try:
+            if self.text_conditioned:
+                out = self.model(x, t, encoder_hidden_states=cond, return_dict=False)[0]
+            elif self.class_conditioned:
+                out = self.model(x, t, class_labels=cond, return_dict=False)[0]
+            else:
+                out = self.model(x, t, return_dict=False)[0]
+        finally:
+            for h in hooks:
+                h.remove()
+        return (out, feats) if return_features else out
+
+
+class HubDenoiser(Denoiser):
+    """A Denoiser whose null condition may be a stored empty-prompt embedding."""
+
+    def __init__(self, net, convention, prediction, null_embedding: Tensor | None = None):
+        super().__init__(net, convention, prediction)
+        self.register_buffer("null_embedding", null_embedding, persistent=False)
+
+    def null_cond(self, cond):
+        if self.null_embedding is not None and isinstance(cond, Tensor) and cond.is_floating_point():
+            return self.null_embedding.to(cond).expand_as(cond)
+        return super().null_cond(cond)
+
+    def with_net(self, net: nn.Module) -> "HubDenoiser":
+        return HubDenoiser(net, self.convention, self.prediction, self.null_embedding)
+
+
+def _resolve(spec: str) -> Path:
+    """A local directory, or a hub id already in the local cache."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, local_files_only=True))
+    except Exception as e:  # noqa: BLE001 - every failure here means "not on this machine"
+        raise FileNotFoundError(f"diffusers teacher not found locally: {spec!r} is neither a directory nor a hub id "
+                                f"in the local cache (nothing is downloaded; fetch it yourself first)") from e
+
+
+def load_null_embedding(path: str) -> Tensor:
+    """The empty prompt's embedding from a prompt-embedding file (``common.data.labels``)."""
+    from common.data.labels import load_prompt_file
+
+    return load_prompt_file(path)["null"].float()
+
+
+def convention_from_scheduler(path: Path, subfolder: str = "scheduler") -> tuple[noise.DiscreteVP, str]:
+    cfg_path = path / subfolder / "scheduler_config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no scheduler config at {cfg_path}")
+    cfg = json.loads(cfg_path.read_text())
+    schedule = cfg.get("beta_schedule", "linear")
+    if schedule not in ("linear", "scaled_linear"):
+        raise ValueError(f"{cfg_path}: beta_schedule {schedule!r} is not supported (linear, scaled_linear)")
+    kind = cfg.get("prediction_type", "epsilon")
+    if kind not in PREDICTIONS:
+        raise ValueError(f"{cfg_path}: prediction_type {kind!r} is not supported ({', '.join(PREDICTIONS)})")
+    conv = noise.DiscreteVP(cfg.get("num_train_timesteps", 1000), cfg.get("beta_start", 0.0001),
+                            cfg.get("beta_end", 0.02), schedule)
+    return conv, PREDICTIONS[kind]
+
+
+def weights_sha256(path: Path) -> str:
+    """One hash over the weight files and configs of a model directory (names and contents, sorted)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")):
+        h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def load_diffusers_teacher(spec: str, subfolder: str | None = "unet", frozen: bool = True,
+                           null_embedding: Tensor | None = None) -> HubDenoiser:
+    """``spec`` is a directory holding ``<subfolder>/`` (the UNet) and ``scheduler/``, or such a hub id."""
+    import diffusers
+
+    path = _resolve(spec.removeprefix(PREFIX))
+    sub = path / subfolder if subfolder else path
+    cfg_file = sub / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"no model config at {cfg_file}")
+    cls_name = json.loads(cfg_file.read_text()).get("_class_name", "UNet2DConditionModel")
+    if cls_name not in ("UNet2DConditionModel", "UNet2DModel"):
+        raise ValueError(f"{cfg_file}: {cls_name} teachers are not wired yet (UNet2DConditionModel, UNet2DModel)")
+    model = getattr(diffusers, cls_name).from_pretrained(path, subfolder=subfolder, local_files_only=True)
+    conv, kind = convention_from_scheduler(path)
+    den = HubDenoiser(DiffusersNet(model.float()), conv, kind, null_embedding).eval()
+    if frozen:
+        den.requires_grad_(False)
+    den.source = {"path": str(path), "sha256": weights_sha256(sub)}
+    den.meta = {"class": cls_name}
+    return den

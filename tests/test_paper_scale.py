@@ -1,0 +1,115 @@
+"""The paper-scale code path without weights: tiny random-weight diffusers UNets saved like real
+checkpoints (a model directory with ``unet/`` and ``scheduler/``), loaded through
+``diffusers:<dir>`` and trained for a few steps from the projects' paper-scale configs."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from test_launchers import run
+
+diffusers = pytest.importorskip("diffusers")
+
+from common import noise  # noqa: E402
+from common.teachers.embedded import load_teacher  # noqa: E402
+
+
+def _scheduler(root, schedule, beta_end):
+    (root / "scheduler").mkdir(parents=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085 if schedule ==
+        "scaled_linear" else 0.0001, "beta_end": beta_end, "beta_schedule": schedule, "prediction_type": "epsilon"}))
+
+
+@pytest.fixture(scope="module")
+def sd_like(tmp_path_factory):
+    """A Stable-Diffusion-shaped text-conditioned latent UNet, and a prompt-embedding file."""
+    root = tmp_path_factory.mktemp("sd")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4)
+    unet.save_pretrained(root / "model" / "unet")
+    _scheduler(root / "model", "scaled_linear", 0.012)
+    rng = np.random.default_rng(0)
+    np.savez(root / "prompts.npz", embeddings=rng.standard_normal((10, 5, 16)).astype(np.float16),
+             null=rng.standard_normal((5, 16)).astype(np.float32))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cifar_like(tmp_path_factory):
+    """A DDPM-CIFAR-shaped pixel UNet (unconditional, linear betas) and a few RGB image shards."""
+    from common.data.shards import encode_png, write_shards
+
+    root = tmp_path_factory.mktemp("cifar")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    unet.save_pretrained(root / "model" / "unet")
+    _scheduler(root / "model", "linear", 0.02)
+    rng = np.random.default_rng(0)
+    write_shards(root / "shards", "train", ({"__key__": f"{i:05d}", "png": encode_png(
+        rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)), "cls": str(i % 10)} for i in range(40)))
+    return root
+
+
+def test_diffusers_teacher_convention_and_features(sd_like, cifar_like):
+    den = load_teacher(f"diffusers:{sd_like / 'model'}")
+    assert isinstance(den.convention, noise.DiscreteVP) and den.prediction == "eps"
+    abar = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2, 0)
+    torch.testing.assert_close(den.convention.alphas_cumprod, abar)  # read from the scheduler, not assumed
+    assert len(den.source["sha256"]) == 64 and not any(p.requires_grad for p in den.parameters())
+    pix = load_teacher(f"diffusers:{cifar_like / 'model'}")
+    x = torch.randn(2, 3, 8, 8)
+    out, feats = pix(x, torch.tensor([10.0, 500.0]), None, return_features=["mid_block"])
+    assert out.shape == x.shape and feats["mid_block"].shape == (2, 16, 4, 4)
+    torch.testing.assert_close(out, pix(x, torch.tensor([10.0, 500.0]), None))  # hooks removed, same output
+    with pytest.raises(FileNotFoundError, match="not found locally"):
+        load_teacher("diffusers:nobody/no-such-model")
+
+
+def test_swiftbrush_vp_student_is_the_eps_form_at_the_last_timestep(sd_like):
+    from projects.swiftbrush.method import SwiftBrush
+
+    m = SwiftBrush(teacher=f"diffusers:{sd_like / 'model'}", null_embedding=str(sd_like / "prompts.npz"),
+                   lora_targets=["to_q", "to_v"], lora_rank=4, lora_alpha=8.0)
+    z, c = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    abar = m.teacher.convention.alphas_cumprod[-1].float()
+    with torch.no_grad():
+        eps = m.roles["student"].net(z, torch.full((2,), 999.0), c)
+        torch.testing.assert_close(m.generate(z, c), (z - (1 - abar).sqrt() * eps) / abar.sqrt(), rtol=1e-4, atol=1e-4)
+    # the fake-score optimizer holds the LoRA parameters only (spec pitfall 9)
+    lora = {id(p) for n, p in m.roles["critic"].net.named_parameters() if "lora_" in n}
+    assert lora and {id(p) for p in m.roles["critic"].trainable_params()} == lora
+    # label dropout on embeddings swaps in the empty prompt
+    null = m.teacher.drop_cond(c, torch.tensor([True, False]))
+    torch.testing.assert_close(null[0], m.teacher.null_embedding)
+    torch.testing.assert_close(null[1], c[1])
+
+
+@pytest.mark.parametrize("project,overrides", [
+    ("swiftbrush", lambda r: ["projects/swiftbrush/configs/sd21_base.yaml",
+                              f"module.teacher=diffusers:{r / 'model'}", f"module.null_embedding={r / 'prompts.npz'}",
+                              f"data.embeddings={r / 'prompts.npz'}", "module.lora_rank=4", "data.batch_size=2",
+                              "trainer.precision=32-true"]),
+    ("uni_instruct", lambda r: ["projects/uni_instruct/configs/cifar10_ddpm.yaml",
+                                f"module.teacher=diffusers:{r / 'model'}", f"data.shards={r / 'shards'}",
+                                "data.batch_size=4", "module.warmup_until=1", "module.sid_until=2",
+                                "trainer.precision=32-true"]),
+])
+def test_paper_scale_config_trains_a_few_steps(project, overrides, sd_like, cifar_like, tmp_path):
+    root = sd_like if project == "swiftbrush" else cifar_like
+    out = tmp_path / "run"
+    run("launchers/fit.py", *overrides(root), "trainer.max_steps=6", "trainer.log_every_n_steps=1",
+        f"run.dir={out}", check=True)
+    import csv
+
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    losses = [float(r[k]) for r in rows for k in ("student/loss", "critic/loss") if r.get(k)]
+    assert len(losses) >= 4 and all(np.isfinite(losses))
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert not any(k.startswith("roles.teacher.") for k in ckpt["state_dict"])  # frozen: identified, not stored
