@@ -113,3 +113,17 @@ def test_paper_scale_config_trains_a_few_steps(project, overrides, sd_like, cifa
     assert len(losses) >= 4 and all(np.isfinite(losses))
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert not any(k.startswith("roles.teacher.") for k in ckpt["state_dict"])  # frozen: identified, not stored
+
+
+@pytest.mark.parametrize("project,config", [("swiftbrush", "configs/sd21_base.yaml"),
+                                            ("uni_instruct", "configs/cifar10_ddpm.yaml")])
+def test_reproduce_script_submits_the_paper_config_through_the_slurm_launcher(project, config):
+    import subprocess
+
+    from test_launchers import ROOT
+
+    p = subprocess.run([str(ROOT / "projects" / project / "reproduce.sh"), "--dry-run"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "#SBATCH --ntasks-per-node=" in p.stdout and "#SBATCH --requeue" in p.stdout
+    assert "srun " in p.stdout and f"launchers/fit.py projects/{project}/{config}" in p.stdout
