@@ -321,7 +321,11 @@ class DistillationModule(L.LightningModule):
         import json
         from pathlib import Path
 
-        rows = [{"steps": n, **self.measure(n, None)[0]} for n in self.val_steps]
+        rows = []
+        for n in self.val_steps:
+            res, x = self.measure(n, None)
+            rows.append({"steps": n, **res})
+            self._save_samples(x, Path(self.trainer.default_root_dir) / "samples" / f"final_{n}step.png", n)
         path = Path(self.trainer.default_root_dir) / "results.json"
         tmp = path.with_name("results.json.tmp")
         tmp.write_text(json.dumps({"iteration": self.iteration, "results": rows}, indent=2))
@@ -332,16 +336,19 @@ class DistillationModule(L.LightningModule):
             return
         from pathlib import Path
 
-        from common.images import save_grid, save_scatter
-
         out = Path(self.trainer.default_root_dir) / "samples"
         for n in self.val_steps:
             res, x = self.measure(n, self.val_num_samples)
             keys = ("fd", "accuracy", "precision", "recall") if "fd" in res else ("swd", "modes_covered")
             self.log_dict({f"val/{k}_{n}step": float(res[k]) for k in keys if k in res}, rank_zero_only=True)
-            name = out / f"it{self.iteration:07d}_{n}step.png"
-            if x.ndim == 4:
-                save_grid(x[:100], name, nrow=10)
-            else:
-                save_scatter(x, name, title=f"iteration {self.iteration}, {n} step(s)")
+            self._save_samples(x, out / f"it{self.iteration:07d}_{n}step.png", n)
+
+    def _save_samples(self, x: Tensor, name, steps: int) -> None:
+        """A PNG: the first 100 images as a 10x10 grid (one column per class), or a 2-D scatter."""
+        from common.images import save_grid, save_scatter
+
+        if x.ndim == 4:
+            save_grid(x[:100], name, nrow=10)
+        else:
+            save_scatter(x, name, title=f"iteration {self.iteration}, {steps} step(s)")
 

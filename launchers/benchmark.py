@@ -6,6 +6,11 @@
   python launchers/benchmark.py guidance    the CFG sweep that chose the protocol's teacher scale
   python launchers/benchmark.py toy         the 2-D toy teachers: sliced Wasserstein and mode coverage
   python launchers/benchmark.py jvp         attention JVP time and peak memory at 256, 1024, 4096 tokens
+  python launchers/benchmark.py swiftbrush  reruns projects/swiftbrush/config.yaml from scratch and
+                                            checks its 1-step student against the teacher's best FD
+  python launchers/benchmark.py uni_instruct  the same for projects/uni_instruct/config.yaml (forward
+                                            KL) and the reverse-KL (SiD) preset, plus the table of
+                                            the five divergences (--presets to choose)
 
 Each suite prints a Markdown table, writes ``runs/benchmark/<suite>.json`` and exits non-zero
 when an acceptance figure is missed.
@@ -14,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -156,7 +163,78 @@ def suite_jvp(args) -> tuple[dict, list[dict]]:
     return {"rows": rows, "table": "\n".join(lines)}, checks
 
 
-SUITES = {"teacher": suite_teacher, "guidance": suite_guidance, "toy": suite_toy, "jvp": suite_jvp}
+FIT_BUDGET_S = 600.0  # the default distillation configs must finish in 10 minutes on the 2-core machine
+
+
+def _fit(name: str, config: str, overrides: list[str], grid_to: Path | None = None) -> dict:
+    """One default run from scratch (its directory removed first); its results.json, timed. The final
+    one-step grid is copied to ``grid_to`` (the project README's picture) when given."""
+    run_dir = OUT / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, str(ROOT / "launchers" / "fit.py"), config, *overrides, f"run.dir={run_dir}"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    t0 = time.time()
+    with open(OUT / f"{name}.log", "w") as log:
+        code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.time() - t0
+    if code:
+        raise SystemExit(f"{name}: fit failed (exit {code}); see {OUT / (name + '.log')}")
+    res = json.loads((run_dir / "results.json").read_text())["results"][0]
+    if grid_to is not None:
+        shutil.copyfile(run_dir / "samples" / "final_1step.png", grid_to)
+    return {"name": name, "overrides": overrides, "fit_seconds": round(seconds, 1), **res,
+            "grid": str(run_dir / "samples" / "final_1step.png")}
+
+
+def _teacher_best() -> dict:
+    """The teacher's best guided FD over 1-64 steps, from ``python launchers/benchmark.py teacher``."""
+    rows = json.loads((ROOT / "projects" / "teacher" / "baseline.json").read_text())["rows"]
+    return min((r for r in rows if r["guidance"] is not None), key=lambda r: r["fd"])
+
+
+def _student_checks(r: dict, best: dict) -> list[dict]:
+    return [_check(f"{r['name']}: 1-step FD / teacher best FD ({best['fd']:.2f})", r["fd"] / best["fd"], "<=", 1.5),
+            _check(f"{r['name']}: 1-step class accuracy", r["accuracy"], ">=", 0.90),
+            _check(f"{r['name']}: fit wall time (s)", r["fit_seconds"], "<=", FIT_BUDGET_S)]
+
+
+def _student_table(rows: list[dict], best: dict, label: str) -> str:
+    lines = [f"One-step students, {rows[0]['num_samples']} samples under the pinned protocol; teacher best: "
+             f"FD {best['fd']:.2f} at {best['steps']} Euler steps (CFG {best['guidance']}).", "",
+             f"| {label} | FD | FD / teacher best | accuracy | precision | recall | fit time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['fd']:.2f} | {r['fd'] / best['fd']:.2f} | {r['accuracy']:.3f} | "
+              f"{r['precision']:.3f} | {r['recall']:.3f} | {r['fit_seconds']:.0f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def suite_swiftbrush(args) -> tuple[dict, list[dict]]:
+    best = _teacher_best()
+    r = _fit("swiftbrush", "projects/swiftbrush/config.yaml", [], ROOT / "projects" / "swiftbrush" / "samples.png")
+    return {"rows": [r], "table": _student_table([r], best, "run")}, _student_checks(r, best)
+
+
+# rkl runs as SiD (no GAN term, data-free): with a_f = 1 the discriminator would only add SiDA's GAN
+UNI_PRESETS = {"fkl": [], "rkl": ["module.preset=rkl", "module.gan=false"], "jeffrey": ["module.preset=jeffrey"],
+               "js": ["module.preset=js"], "chi2": ["module.preset=chi2"]}
+UNI_GATED = ("fkl", "rkl")  # the paper's best setting and the SiD preset must pass the bar
+
+
+def suite_uni_instruct(args) -> tuple[dict, list[dict]]:
+    best = _teacher_best()
+    rows, checks = [], []
+    for preset in args.presets or list(UNI_PRESETS):
+        grid = ROOT / "projects" / "uni_instruct" / f"samples_{preset}.png"
+        r = _fit(f"uni_instruct_{preset}", "projects/uni_instruct/config.yaml", UNI_PRESETS[preset], grid)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        if preset in UNI_GATED:
+            checks += _student_checks(r, best)
+    return {"rows": rows, "table": _student_table(rows, best, "preset")}, checks
+
+
+SUITES = {"teacher": suite_teacher, "guidance": suite_guidance, "toy": suite_toy, "jvp": suite_jvp,
+          "swiftbrush": suite_swiftbrush, "uni_instruct": suite_uni_instruct}
 
 
 def main(argv=None) -> int:
@@ -165,6 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, nargs="+", default=None,
                     help="override the step counts (jvp: the sequence lengths)")
     ap.add_argument("--repeats", type=int, default=3, help="jvp: child processes per configuration")
+    ap.add_argument("--presets", nargs="+", choices=sorted(UNI_PRESETS), default=None,
+                    help="uni_instruct: the divergences to run (default: all five)")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     failed = []
