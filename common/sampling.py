@@ -84,7 +84,8 @@ def sample_multistep(model, x: Tensor, ts: Tensor, cond=None, generator=None, ca
     the next time, repeat; the last prediction is returned."""
     for i in range(len(ts) - 1):
         x0 = model.x0_eps(x, ts[i], cond).x0
-        if float(model.level(ts[i + 1]).b) > 0:
+        # re-noise to the next time, except at the end: the data end of EDM is sigma_min > 0
+        if i < len(ts) - 2 and float(model.level(ts[i + 1]).b) > 0:
             eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = _step(model, x0, eps, ts[i + 1])
         else:
