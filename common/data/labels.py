@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common.data.datamodule import StreamBatchSampler
+from common.data.datamodule import PositionDataset, StreamBatchSampler
 
 
 class LabelDataset(Dataset):
@@ -49,24 +49,15 @@ class LabelDataModule(L.LightningDataModule):
         return DataLoader([0], batch_size=1)
 
 
-class PromptDataset(Dataset):
-    """Precomputed prompt embeddings, one per global position through the epoch permutation."""
+class PromptDataset(PositionDataset):
+    """Precomputed prompt embeddings, one per global position through the same epoch permutation as
+    the image sets; items are ``(embedding, position)``."""
 
     def __init__(self, embeddings: torch.Tensor, seed: int):
-        from common.data.datamodule import epoch_permutation
-
-        self.emb, self.seed, self._perm = embeddings, seed, epoch_permutation
-        self._cache = (-1, None)
-
-    def __len__(self):
-        return 1 << 62
+        super().__init__(embeddings, None, seed)
 
     def __getitem__(self, pos: int):
-        n = len(self.emb)
-        e = pos // n
-        if self._cache[0] != e:
-            self._cache = (e, self._perm(n, self.seed, e))
-        return self.emb[int(self._cache[1][pos % n])].float(), pos
+        return self.x[self.index(pos)].float(), pos
 
 
 def load_prompt_file(path: str) -> dict:
