@@ -29,13 +29,16 @@ NOISE, TIME, DROP, TIME_C, NOISE_C = 1, 2, 3, 4, 5  # random-stream purposes
 
 class SwiftBrush(DistillationModule):
     def __init__(self, teacher: str = "mnist", guidance: float = 2.0, guidance_mode: str = "standard",
-                 fake_cfg: str = "none", fake_loss_weight: str = "uniform", critic: str = "lora",
+                 objective: str = "vsd", fake_cfg: str = "none", fake_loss_weight: str = "uniform",
+                 critic: str = "lora",
                  lora_rank: int = 16, lora_alpha: float = 16.0, lora_targets: list | None = None,
                  s_min: float = 0.02, s_max: float = 0.98, label_dropout: float = 0.1,
                  student_time: float | None = None, null_embedding: str | None = None,
                  student_lr: float = 1e-5, critic_lr: float = 1e-3, betas: list = (0.9, 0.999),
                  grad_clip: float = 1.0, **base):
         super().__init__(**base)
+        if objective not in ("vsd", "sds"):
+            raise ValueError(f"objective must be 'vsd' or 'sds', got {objective!r}")
         if fake_cfg not in ("none", "same_as_teacher"):
             raise ValueError(f"fake_cfg must be 'none' or 'same_as_teacher', got {fake_cfg!r}")
         if critic not in ("lora", "full"):
@@ -50,7 +53,11 @@ class SwiftBrush(DistillationModule):
         self.t_g = float(conv.t_noise if student_time is None else student_time)  # the student's one time
         student = copy.deepcopy(net).requires_grad_(True).train()
         self.add_role(Role("teacher", net, False, teacher, source=den.source))
-        if critic == "lora":  # the fake score shares the teacher's frozen weights, trains adapters only
+        if objective == "sds":  # SDS: the injected noise stands in for the fake score; no critic role
+            if any("critic" in roles for phase in (base.get("schedule") or []) for roles in phase["cycle"]):
+                raise ValueError("objective=sds has no critic: set module.schedule=[{until: null, cycle: [[student]]}]")
+            fake_net = None
+        elif critic == "lora":  # the fake score shares the teacher's frozen weights, trains adapters only
             fake_net = add_lora(net, rank=lora_rank, alpha=lora_alpha, targets=lora_targets)
             self.add_role(Role("critic", fake_net, True, "lora-on-teacher", lr=critic_lr, betas=tuple(betas),
                                grad_clip=grad_clip, params=lora_parameters))
@@ -60,7 +67,8 @@ class SwiftBrush(DistillationModule):
                                grad_clip=grad_clip))
         self.add_role(Role("student", student, True, "teacher", lr=student_lr, betas=tuple(betas),
                            grad_clip=grad_clip))
-        self.teacher, self.fake, self.student = den, den.with_net(fake_net), den.with_net(student)
+        self.teacher, self.student = den, den.with_net(student)
+        self.fake = None if fake_net is None else den.with_net(fake_net)
 
     def _time(self, u, lo, hi):
         """A time at the fractions [lo, hi] of the teacher's axis: ``t ~ U{lo T..hi T}`` for a discrete
@@ -99,8 +107,11 @@ class SwiftBrush(DistillationModule):
         x_s = self.student.convention.add_noise(x0.detach(), eps, s)
         with torch.no_grad():
             eps_real = self._teacher_call(x_s, s, c).eps
-            fake = Guided(self.fake, h.guidance, h.guidance_mode) if h.fake_cfg == "same_as_teacher" else self.fake
-            eps_fake = fake.x0_eps(x_s, s, c).eps
+            if h.objective == "sds":  # score distillation sampling: eps_fake = the injected noise
+                eps_fake = eps
+            else:
+                fake = Guided(self.fake, h.guidance, h.guidance_mode) if h.fake_cfg == "same_as_teacher" else self.fake
+                eps_fake = fake.x0_eps(x_s, s, c).eps
         lv = self.student.level(s)
         # the student's x0 enters x_s linearly (a = 1 - s); VSD's w(t) = b^2 drops that factor (spec pitfall 4)
         loss, g = vsd_generator_loss(x0, eps_real, eps_fake, lv.b)
