@@ -100,6 +100,17 @@ class Schedule:
     def roles(self) -> set[str]:
         return {r for p in self.phases for g in p.cycle for r in g}
 
+    def iterations_for(self, steps: int, start: int = 0) -> int | float:
+        """How many iterations from ``start`` take ``steps`` optimizer steps (one per stepping role);
+        ``inf`` when the open last phase steps no role."""
+        if not any(self.phases[-1].cycle):
+            return float("inf")
+        it = start
+        while steps > 0:
+            steps -= len(self.roles_at(it))
+            it += 1
+        return it - start
+
 
 @dataclass
 class StepContext:

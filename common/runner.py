@@ -15,6 +15,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from common.config import ConfigError, instantiate, to_yaml
+from common.module import DistillationModule
 from common.requeue import RequeueOnSignal
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,19 @@ class _ResumingWriter(ExperimentWriter):
             w.writeheader()
             w.writerows(rows)
         self.metrics_keys = sorted(keys)
+
+
+class IterationProgressBar(TQDMProgressBar):
+    """The training bar counts iterations (batches), while ``trainer.max_steps`` counts optimizer steps. A
+    distillation iteration takes one step per role its schedule names, so the bar's total comes from it."""
+
+    @property
+    def total_train_batches(self):
+        trainer, module = self.trainer, self.trainer.lightning_module
+        if isinstance(module, DistillationModule) and trainer.max_steps and trainer.max_steps > 0:
+            left = module.schedule.iterations_for(trainer.max_steps - trainer.global_step, start=module.iteration)
+            return min(trainer.num_training_batches, left)
+        return super().total_train_batches
 
 
 class RunCSVLogger(CSVLogger):
@@ -110,7 +124,7 @@ def build(cfg: dict):
                         every_n_train_steps=cfg["run"]["ckpt_every_n_steps"], save_last=True, save_top_k=1),
     ]
     if trainer_kwargs.get("enable_progress_bar", True):
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+        callbacks.append(IterationProgressBar(refresh_rate=10))
     trainer_kwargs.setdefault("use_distributed_sampler", False)  # the data stream splits ranks itself
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # requeue at a safe point ourselves (common/requeue.py)

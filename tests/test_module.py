@@ -172,3 +172,14 @@ def test_schedule_validation():
         m.schedule
     with pytest.raises(ValueError, match="unknown role 'generator'"):
         Role("generator", Tiny(), True, "scratch")
+
+
+def test_schedule_iterations_for_optimizer_steps():
+    """max_steps counts optimizer steps; the progress bar needs iterations (one step per stepping role)."""
+    uni = Schedule.from_config([{"until": 80, "cycle": [["critic"]]}, {"until": None, "cycle": [["critic", "student"]]}])
+    assert uni.iterations_for(720) == 400  # 80 warm-up iterations, then 320 of two steps
+    assert uni.iterations_for(720 - 80 - 2 * 20, start=100) == 300  # resumed at iteration 100
+    assert uni.iterations_for(81) == 81 and uni.iterations_for(82) == 81  # 81st iteration steps twice
+    rcm = Schedule.from_config([{"until": None, "cycle": [["critic"]] * 5 + [["student"]]}])
+    assert rcm.iterations_for(12) == 12
+    assert Schedule.from_config([{"until": None, "cycle": [[]]}]).iterations_for(5) == float("inf")
