@@ -81,7 +81,7 @@ class SwiftBrush(DistillationModule):
 
     def _teacher_call(self, x, s, c):
         den = Guided(self.teacher, self.hparams.guidance, self.hparams.guidance_mode)
-        if self.hparams.critic == "lora":
+        if self.fake is not None and self.hparams.critic == "lora":  # LoRA on the teacher's own net
             with adapters_disabled(self.roles["teacher"].net):
                 return den.x0_eps(x, s, c)
         return den.x0_eps(x, s, c)
