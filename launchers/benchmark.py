@@ -214,12 +214,14 @@ def _student_table(rows: list[dict], best: dict, label: str) -> str:
 SWIFT_VARIANTS = {
     "default": [],
     "fake_cfg": ["module.fake_cfg=same_as_teacher"],  # the official code's guidance on the fake branch too
+    "alpha_bar": ["module.fake_loss_weight=alpha_bar"],  # the official code's fake-score DSM weighting
     # SDS (eps_fake = the injected noise): no critic, so one optimizer step per iteration; same 650 iterations
     "sds": ["module.objective=sds", "module.schedule=[{until: null, cycle: [[student]]}]", "trainer.max_steps=650"],
 }
 # rkl runs as SiD (no GAN term, data-free): with a_f = 1 the discriminator would only add SiDA's GAN
 UNI_PRESETS = {"fkl": [], "rkl": ["module.preset=rkl", "module.gan=false"], "jeffrey": ["module.preset=jeffrey"],
-               "js": ["module.preset=js"], "chi2": ["module.preset=chi2"]}
+               "js": ["module.preset=js"], "chi2": ["module.preset=chi2"],
+               "fkl_code_bce": ["module.density_ratio=code_bce"]}  # the official code's ratio (r ~ 1)
 PROJECTS = {  # suite -> (variants, gated variants, README grid name per variant)
     "swiftbrush": (SWIFT_VARIANTS, ("default",), lambda v: "samples.png" if v == "default" else f"samples_{v}.png"),
     "uni_instruct": (UNI_PRESETS, ("fkl", "rkl"), lambda v: f"samples_{v}.png"),
