@@ -8,10 +8,12 @@
   python launchers/benchmark.py jvp         attention JVP time and peak memory at 256, 1024, 4096 tokens
   python launchers/benchmark.py swiftbrush  reruns projects/swiftbrush/config.yaml from scratch and
                                             checks its 1-step student against the teacher's best FD,
-                                            plus the fake-branch CFG and SDS variants (--presets)
+                                            plus the fake-branch CFG, alpha_bar DSM weighting and SDS
+                                            variants (reported, not gated; --presets to choose)
   python launchers/benchmark.py uni_instruct  the same for projects/uni_instruct/config.yaml (forward
                                             KL) and the reverse-KL (SiD) preset, plus the table of
-                                            the five divergences (--presets to choose)
+                                            the five divergences and fkl with the official code's
+                                            ratio (--presets to choose)
 
 Each suite prints a Markdown table, writes ``runs/benchmark/<suite>.json`` and exits non-zero
 when an acceptance figure is missed.
