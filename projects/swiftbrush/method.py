@@ -17,7 +17,7 @@ import torch
 
 from common import noise
 from common.critics.lora import adapters_disabled, add_lora, lora_parameters
-from common.module import DistillationModule, Role
+from common.module import DistillationModule, Role, Schedule
 from common.sampling import OneStepGenerator
 from common.teachers.denoiser import Guided
 from common.teachers.embedded import load_teacher
@@ -54,7 +54,7 @@ class SwiftBrush(DistillationModule):
         student = copy.deepcopy(net).requires_grad_(True).train()
         self.add_role(Role("teacher", net, False, teacher, source=den.source))
         if objective == "sds":  # SDS: the injected noise stands in for the fake score; no critic role
-            if any("critic" in roles for phase in (base.get("schedule") or []) for roles in phase["cycle"]):
+            if base.get("schedule") and "critic" in Schedule.from_config(base["schedule"]).roles():
                 raise ValueError("objective=sds has no critic: set module.schedule=[{until: null, cycle: [[student]]}]")
             fake_net = None
         elif critic == "lora":  # the fake score shares the teacher's frozen weights, trains adapters only
