@@ -171,8 +171,7 @@ FIT_BUDGET_S = 600.0  # the default distillation configs must finish in 10 minut
 
 def _fit(name: str, config: str, overrides: list[str], grid_to: Path | None = None) -> dict:
     """One run of ``config`` with ``overrides``, from scratch (its directory removed first); its results.json,
-    timed. The final
-    one-step grid is copied to ``grid_to`` (the project README's picture) when given."""
+    timed. The final one-step grid is copied to ``grid_to`` (the project README's picture) when given."""
     run_dir = OUT / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "launchers" / "fit.py"), config, *overrides, f"run.dir={run_dir}"]
