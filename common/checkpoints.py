@@ -4,7 +4,8 @@
   ``teacher:<name>``                    an embedded teacher (``teacher:mnist``);
   ``path/to/weights.pt``                a weights file written by a recipe's ``export``;
   ``path/to/run/checkpoints/x.ckpt``    a Lightning checkpoint of a run; the run's ``config.yaml``
-                                        (two folders up) names the module class, and the module's
+                                        (two folders up) builds the module, the checkpoint loads
+                                        strictly (frozen teachers are checked by hash instead), and
                                         ``generator_denoiser()`` and ``sampler`` say how to sample.
 """
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from common.config import locate
 from common.teachers.embedded import load_teacher
 
 
@@ -38,12 +38,13 @@ def load_generator(spec: str) -> Generator:
             raise FileNotFoundError(f"{path} has no run config at {cfg_file}; cannot tell which module wrote it")
         from omegaconf import OmegaConf
 
+        from common.config import build_module
+
         cfg = OmegaConf.to_container(OmegaConf.load(cfg_file))
-        cls = locate(cfg["module"]["target"])
-        kwargs = {k: v for k, v in cfg["module"].items() if k != "target"}
-        module = cls(**kwargs)
+        module = build_module(cfg)
         state = torch.load(path, map_location="cpu", weights_only=False)
-        module.load_state_dict(state["state_dict"], strict=False)
+        module.check_frozen_sources(state)  # the teacher it was trained with, by hash
+        module.load_state_dict(state["state_dict"])  # strict, apart from frozen roles identified by file
         den = module.generator_denoiser().eval().requires_grad_(False)
         return Generator(den, getattr(module, "sampler", "euler"), str(path), getattr(module, "sampler", "euler") != "multistep")
     return Generator(load_teacher(str(path)), "euler", str(path), True)

@@ -4,8 +4,11 @@ A run config has these sections:
 
 ``module`` / ``data``   ``target: dotted.path.Class`` plus the keyword arguments of its ``__init__``;
                         keys and types are checked against the signature, defaults are filled in.
-``trainer``             keyword arguments of ``lightning.Trainer``.
-``run``                 :class:`RunConfig` (run directory, seed, checkpoints, logging).
+``roles``               distillation modules: ``<role>: RoleConfig`` (optimizer settings, critic init).
+``schedule``            distillation modules: the named phases, ``[{name, until, cycle}, ...]``.
+``validation``          distillation modules: :class:`common.validation.ValidationConfig`.
+``trainer``             keyword arguments of ``lightning.Trainer`` (``max_steps`` is derived, never set).
+``run``                 :class:`RunConfig` (run directory, seed, iterations, checkpoints, logging).
 ``slurm``               :class:`common.slurm_config.SlurmConfig`-like section, read by launchers/slurm.py.
 
 An unknown key or a value of the wrong type is a :class:`ConfigError` naming the key.
@@ -33,8 +36,9 @@ class ConfigError(ValueError):
 class RunConfig:
     dir: str = ""  # default: runs/<config stem>
     seed: int = 0
+    iterations: int = 0  # the run's length; trainer.max_steps (optimizer steps) is derived from it
     resume: str = "auto"  # "auto": last checkpoint of dir if any; "never"; or a checkpoint path
-    ckpt_every_n_steps: int = 500
+    ckpt_every: int = 500  # iterations between periodic checkpoints
     wandb: bool = False  # offline mode; sync later with `wandb sync`
     export: str = ""  # recipes: weights file written at the end (relative paths: inside run.dir)
     notes: str = ""
@@ -54,7 +58,8 @@ class SlurmConfig:
     setup: list = field(default_factory=list)  # shell lines run before the job (module load, venv)
 
 
-SECTIONS = ("module", "data", "trainer", "run", "slurm")
+SECTIONS = ("module", "data", "roles", "schedule", "validation", "trainer", "run", "slurm")
+DISTILL_SECTIONS = ("roles", "schedule", "validation")
 
 
 def locate(path: str):
@@ -165,7 +170,7 @@ def _check_target_section(name: str, sec: dict) -> dict:
     return {"target": target, **_defaults_jsonable(resolved)}
 
 
-def _check_dataclass(name: str, sec: dict, cls) -> dict:
+def check_dataclass(name: str, sec: dict, cls) -> dict:
     params = {f.name: (f.type if not isinstance(f.type, str) else typing.get_type_hints(cls)[f.name],
                        f.default if f.default is not dataclasses.MISSING else f.default_factory())
               for f in dataclasses.fields(cls)}
@@ -182,6 +187,57 @@ def _trainer_params() -> dict:
     return params
 
 
+def is_distillation(target: str) -> bool:
+    from common.module import DistillationModule
+
+    cls = locate(target)
+    return inspect.isclass(cls) and issubclass(cls, DistillationModule)
+
+
+def _check_distill_sections(cfg: dict, target: str) -> dict:
+    """roles / schedule / validation: checked for distillation modules, refused for other modules."""
+    from common.roles import Schedule, role_configs
+    from common.validation import ValidationConfig
+
+    if not is_distillation(target):
+        given = [s for s in DISTILL_SECTIONS if cfg.get(s)]
+        if given:
+            raise ConfigError(f"config section(s) {given} apply to distillation modules only; "
+                              f"{target} is not one")
+        return {}
+    for key in ("roles", "schedule"):
+        if key in cfg["module"]:
+            raise ConfigError(f"config key 'module.{key}' belongs in the top-level '{key}:' section")
+    roles = cfg.get("roles") or {}
+    if not isinstance(roles, dict):
+        raise ConfigError("config section 'roles' must map role names to their settings")
+    out = {"roles": {}}
+    roles = {n: v for n, v in roles.items() if v is not None}
+    for n, r in role_configs(roles).items():
+        d = dataclasses.asdict(r)
+        if n != "critic":  # only a critic has an initialisation to choose
+            given = [k for k in ("init", "lora") if k in (roles[n] or {})]
+            if given:
+                raise ConfigError(f"config key 'roles.{n}.{given[0]}' applies to the critic only")
+            d.pop("init"), d.pop("lora")
+        out["roles"][n] = d
+    if cfg.get("schedule"):
+        out["schedule"] = Schedule.from_config(cfg["schedule"]).to_config()
+    out["validation"] = check_dataclass("validation", dict(cfg.get("validation") or {}), ValidationConfig)
+    return out
+
+
+def _seeded(sec: dict, seed: int) -> dict:
+    """``run.seed`` is the training seed: a module or data target that takes a ``seed`` and is not given
+    one explicitly gets it."""
+    if "target" in sec and "seed" not in sec:
+        cls = locate(sec["target"])
+        params = _signature_params(cls.__init__, cls) if inspect.isclass(cls) else _signature_params(cls)
+        if "seed" in params:
+            sec["seed"] = seed
+    return sec
+
+
 def validate(cfg: dict) -> dict:
     unknown = set(cfg) - set(SECTIONS)
     if unknown:
@@ -189,20 +245,43 @@ def validate(cfg: dict) -> dict:
     for required in ("module", "data"):
         if required not in cfg:
             raise ConfigError(f"config needs a '{required}' section")
+    run = check_dataclass("run", dict(cfg.get("run") or {}), RunConfig)
+    module, data = (_seeded(dict(cfg[s] or {}), run["seed"]) for s in ("module", "data"))
     out = {
-        "module": _check_target_section("module", dict(cfg["module"])),
-        "data": _check_target_section("data", dict(cfg["data"])),
-        "run": _check_dataclass("run", dict(cfg.get("run") or {}), RunConfig),
-        "slurm": _check_dataclass("slurm", dict(cfg.get("slurm") or {}), SlurmConfig),
+        "module": _check_target_section("module", module),
+        "data": _check_target_section("data", data),
+        **_check_distill_sections(cfg, cfg["module"]["target"]),
+        "run": run,
+        "slurm": check_dataclass("slurm", dict(cfg.get("slurm") or {}), SlurmConfig),
     }
+    if "roles" in out:  # given as sections of their own, not as module arguments
+        out["module"].pop("roles", None), out["module"].pop("schedule", None)
     tp = _trainer_params()
     trainer = dict(cfg.get("trainer") or {})
     for k, v in trainer.items():
+        if k in ("max_steps", "max_epochs", "max_time"):
+            raise ConfigError(f"config key 'trainer.{k}' is not set by hand: a run's length is "
+                              f"run.iterations (trainer.max_steps is derived from it and the schedule)")
         if k not in tp:
             raise ConfigError(f"unknown config key 'trainer.{k}' (not an argument of lightning.Trainer "
                               f"or set by the launcher)")
     out["trainer"] = trainer
+    if out["run"]["iterations"] < 1:
+        raise ConfigError(f"config key 'run.iterations' must be a positive number of iterations, "
+                          f"got {out['run']['iterations']}")
+    if out["run"]["ckpt_every"] < 1:
+        raise ConfigError(f"config key 'run.ckpt_every' must be positive, got {out['run']['ckpt_every']}")
     return out
+
+
+def build_module(cfg: dict):
+    """The LightningModule of a resolved config; a distillation module gets the roles and schedule
+    sections and has its roles checked against them."""
+    if not is_distillation(cfg["module"]["target"]):
+        return instantiate(cfg["module"])
+    module = instantiate(cfg["module"], roles=cfg.get("roles") or {}, schedule=cfg.get("schedule"))
+    module.check_roles()
+    return module
 
 
 def _parse_value(text: str):

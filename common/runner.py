@@ -8,15 +8,16 @@ import os
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from common.config import ConfigError, instantiate, to_yaml
+from common.config import ConfigError, build_module, instantiate, to_yaml
 from common.module import DistillationModule
 from common.requeue import RequeueOnSignal
+from common.validation import Validation, ValidationConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +58,83 @@ class _ResumingWriter(ExperimentWriter):
 
 
 class IterationProgressBar(TQDMProgressBar):
-    """The training bar counts iterations (batches), while ``trainer.max_steps`` counts optimizer steps. A
-    distillation iteration takes one step per role its schedule names, so the bar's total comes from it."""
+    """The training bar counts iterations to the end of the run (``run.iterations``); a distillation
+    iteration takes one optimizer step per role its schedule names, so ``max_steps`` would not do."""
+
+    def __init__(self, iterations: int, **kw):
+        super().__init__(**kw)
+        self.iterations = iterations
 
     @property
     def total_train_batches(self):
-        trainer, module = self.trainer, self.trainer.lightning_module
-        if isinstance(module, DistillationModule) and trainer.max_steps and trainer.max_steps > 0:
-            left = module.schedule.iterations_for(trainer.max_steps - trainer.global_step, start=module.iteration)
-            return min(trainer.num_training_batches, left)
-        return super().total_train_batches
+        module = self.trainer.lightning_module
+        done = module.iteration if isinstance(module, DistillationModule) else self.trainer.global_step
+        return min(self.trainer.num_training_batches, self.iterations - done)
+
+
+class IterationCheckpoint(ModelCheckpoint):
+    """Periodic checkpoints every ``every`` iterations (not optimizer steps), plus ``last``."""
+
+    def __init__(self, every: int, **kw):
+        super().__init__(every_n_train_steps=0, **kw)
+        self.every = every
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        done = module.iteration if isinstance(module, DistillationModule) else trainer.global_step
+        if done % self.every or self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+
+class RunLength(Callback):
+    """Counts the run in iterations: stops a distillation run after ``iterations`` (a skipped non-finite
+    step takes no optimizer step, so ``max_steps`` alone would run on), and prints the batch arithmetic
+    at the start."""
+
+    def __init__(self, cfg: dict):
+        self.iterations = cfg["run"]["iterations"]
+        self.global_batch = cfg["data"].get("batch_size")
+
+    def on_fit_start(self, trainer, module):
+        world = trainer.world_size
+        b = self.global_batch
+        if b is not None and b % world:
+            raise ConfigError(f"data.batch_size={b} (the global batch) is not divisible by the world size {world}")
+        if trainer.global_rank:
+            return
+        lines = [f"run: {self.iterations} iterations"]
+        if b is not None:
+            lines.append(f"batch: global {b} = {world} rank(s) x {b // world} per rank; "
+                         f"{self.iterations * b:,} samples in all")
+        if isinstance(module, DistillationModule):
+            sch = module.schedule
+            per_role = {r: sum(r in sch.roles_at(i) for i in range(self.iterations)) for r in sorted(sch.roles())}
+            lines.append(f"optimizer steps: {trainer.max_steps} ("
+                         + ", ".join(f"{r} {n}" for r, n in per_role.items()) + "); phases: "
+                         + ", ".join(f"{p.name} from {sch.start_of(p.name)}" for p in sch.phases))
+            if module.iteration:
+                lines.append(f"resuming at iteration {module.iteration}")
+        print("\n".join(lines), flush=True)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if isinstance(module, DistillationModule) and module.iteration >= self.iterations:
+            trainer.should_stop = True
+
+
+def max_steps(cfg: dict, module) -> int:
+    """Optimizer steps of ``run.iterations``: one per stepping role for a distillation module (from its
+    schedule), one per iteration for a recipe."""
+    n = cfg["run"]["iterations"]
+    if isinstance(module, DistillationModule):
+        sch = module.schedule
+        for p in sch.phases[:-1]:
+            if p.until >= n:
+                log.warning("schedule phase after %r starts at iteration %d, beyond the run's %d iterations",
+                            p.name, p.until, n)
+        return max(sch.steps_for(n), 1)
+    return n
 
 
 class RunCSVLogger(CSVLogger):
@@ -112,20 +180,27 @@ def build(cfg: dict):
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = resume_path(cfg)
     L.seed_everything(cfg["run"]["seed"], workers=True, verbose=False)
-    module = instantiate(cfg["module"])
+    module = build_module(cfg)
     datamodule = instantiate(cfg["data"])
     loggers = [RunCSVLogger(str(run_dir), checkpoint_log_step(ckpt) if ckpt else None)]
     if cfg["run"]["wandb"]:
         os.environ.setdefault("WANDB_MODE", "offline")
         loggers.append(WandbLogger(save_dir=str(run_dir), offline=True, project="fewstep"))
-    trainer_kwargs = dict(cfg["trainer"])
+    trainer_kwargs = dict(cfg["trainer"], max_steps=max_steps(cfg, module))
     callbacks = [
-        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step{step:07d}", auto_insert_metric_name=False,
-                        every_n_train_steps=cfg["run"]["ckpt_every_n_steps"], save_last=True, save_top_k=1),
+        IterationCheckpoint(cfg["run"]["ckpt_every"], dirpath=str(run_dir / "checkpoints"), filename="step{step:07d}",
+                            auto_insert_metric_name=False, save_last=True, save_top_k=1),
+        RunLength(cfg),
     ]
+    if isinstance(module, DistillationModule):
+        callbacks.append(Validation(ValidationConfig(**cfg["validation"]), str(run_dir)))
     if trainer_kwargs.get("enable_progress_bar", True):
-        callbacks.append(IterationProgressBar(refresh_rate=10))
+        callbacks.append(IterationProgressBar(cfg["run"]["iterations"], refresh_rate=10))
     trainer_kwargs.setdefault("use_distributed_sampler", False)  # the data stream splits ranks itself
+    if trainer_kwargs.get("strategy") == "ddp" and isinstance(module, DistillationModule) \
+            and len(module.trainable_roles()) > 1:
+        # each role's backward leaves the other roles' parameters without gradients
+        trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # requeue at a safe point ourselves (common/requeue.py)
         plugins.append(SLURMEnvironment(auto_requeue=False))

@@ -1,34 +1,83 @@
-"""Samplers with one signature: ``sample_<name>(model, x, ts, cond=None, generator=None, callback=None)``.
+"""Samplers with one signature: ``sample_<name>(model, x, ts, cond=None, noise=None, callback=None)``.
 
 ``model`` is a :class:`common.teachers.Denoiser` (or :class:`Guided`) with ``x0_eps(x, t, cond)``
 and ``level(t)``; ``ts`` runs from the noise end to the data end in the model's own convention;
 ``x`` is the starting noise scaled for ``ts[0]`` (pure noise ``b(ts[0]) * eps`` with ``a ~ 0``).
+``noise(i, x)`` returns fresh standard-normal noise shaped like ``x`` for step ``i`` (the re-noising
+to ``ts[i + 1]``); the ODE solvers ignore it, and without it the few-step sampler draws from the
+global RNG. :func:`generate` keys it per sample, so a sample does not depend on its batch.
 Teacher ODE solvers (Euler, Heun) and student few-step samplers are therefore interchangeable.
 """
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from common import noise
+from common import noise as noise_lib
+from common.rng import SAMPLING_RENOISE, keyed_generator
+
+NoiseFn = Callable[[int, Tensor], Tensor]
+
+# generate() re-noises sample j at step i from keyed_generator(seed, SAMPLING_RENOISE, i, j) (common/rng.py)
+# generate() draws the initial noise of all samples from one generator seeded with ``seed``, in
+# consecutive chunks of this many samples whatever the batch size. 500 is the former per-batch draw
+# at the default batch size, so the recorded protocol figures keep their noise: two draws of 1,000
+# values (500 2-D toy points) are not one draw of 2,000, since torch.randn fills a tensor whose size
+# is not a multiple of 16 differently. For images (1,024 values a sample) it is one draw of the set.
+NOISE_CHUNK = 500
 
 
-def timesteps(convention: noise.Convention, n: int, device=None, s_min: float = 0.0) -> Tensor:
+def timesteps(convention: noise_lib.Convention, n: int, device=None, s_min: float = 0.0) -> Tensor:
     """``n + 1`` times uniform in flow time ``s`` from 1 (noise) to ``s_min`` (data), mapped to the
     convention by SNR matching. Flow-convention times are returned directly."""
     s = torch.linspace(1.0, s_min, n + 1, dtype=torch.float64)
-    if isinstance(convention, noise.RectifiedFlow) and convention.data_scale == 1.0:
+    if isinstance(convention, noise_lib.RectifiedFlow) and convention.data_scale == 1.0:
         return s.to(device=device, dtype=torch.float32)
-    inner = noise.match_time(s[1:-1] if s_min == 0.0 else s[1:], noise.RectifiedFlow(), convention)
+    inner = noise_lib.match_time(s[1:-1] if s_min == 0.0 else s[1:], noise_lib.RectifiedFlow(), convention)
     ends = [torch.tensor([convention.t_noise], dtype=torch.float64)]
     mid = [inner]
     tail = [torch.tensor([convention.t_data], dtype=torch.float64)] if s_min == 0.0 else []
     return torch.cat(ends + mid + tail).to(device=device, dtype=torch.float32)
 
 
-def initial_noise(convention: noise.Convention, t0: Tensor, shape, generator=None, device=None) -> Tensor:
+def student_times(convention: noise_lib.Convention, steps, device=None) -> Tensor:
+    """The time grid a sampler runs on. ``steps`` is an int (that many steps uniform in flow time,
+    :func:`timesteps`) or a list of the sampling times in the convention's own time, from the noise
+    end toward the data end, e.g. ``[1.3, 1.0, 0.6]`` in TrigFlow: the few-step sampler predicts x0 at
+    each listed time and re-noises to the next one, and returns its prediction at the last one; the
+    grid is the list followed by the data end ``t_data``. The start is pure noise ``b(t0) * eps``, so
+    a first time short of ``t_noise`` starts from noise that ignores the data share ``a(t0)``."""
+    if isinstance(steps, numbers.Integral) and not isinstance(steps, bool):
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        return timesteps(convention, int(steps), device=device)
+    if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
+        raise ValueError(f"steps must be an int or a list of times, got {steps!r}")
+    times = list(steps)
+    if not times:
+        raise ValueError("the list of sampling times is empty")
+    if not all(isinstance(t, numbers.Real) and not isinstance(t, bool) for t in times):
+        raise ValueError(f"sampling times must be numbers, got {times}")
+    times = [float(t) for t in times]
+    t_noise, t_data = float(convention.t_noise), float(convention.t_data)
+    lo, hi = min(t_noise, t_data), max(t_noise, t_data)
+    bad = [t for t in times if not lo <= t <= hi]  # NaN is out of range too
+    if bad:
+        raise ValueError(f"sampling times {bad} are outside [{lo:g}, {hi:g}], the time range of "
+                         f"{type(convention).__name__}")
+    sign = 1.0 if t_noise > t_data else -1.0  # ReversedFlow counts from 0 (noise) up to 1 (data)
+    if any(sign * (t1 - t0) >= 0 for t0, t1 in zip(times, times[1:])):
+        word = "decreasing" if sign > 0 else "increasing"
+        raise ValueError(f"sampling times must be strictly {word} (from the noise end t={t_noise:g} toward "
+                         f"the data end t={t_data:g}), got {times}")
+    return torch.tensor(times + [t_data], dtype=torch.float64).to(device=device, dtype=torch.float32)
+
+
+def initial_noise(convention: noise_lib.Convention, t0: Tensor, shape, generator=None, device=None) -> Tensor:
     eps = torch.randn(shape, generator=generator, device=device)
     return convention.level(t0).b.float() * eps
 
@@ -43,11 +92,12 @@ def _flow_form(model, t, ndim):
     finite at both ends of every convention."""
     lv = model.level(t)
     a, b = lv.a, lv.b
-    return (b / (a + b)), noise.append_dims(a + b, ndim)
+    return (b / (a + b)), noise_lib.append_dims(a + b, ndim)
 
 
 @torch.no_grad()
-def sample_euler(model, x: Tensor, ts: Tensor, cond=None, generator=None, callback: Callable | None = None) -> Tensor:
+def sample_euler(model, x: Tensor, ts: Tensor, cond=None, noise: NoiseFn | None = None,
+                 callback: Callable | None = None) -> Tensor:
     """Euler on the probability-flow ODE written in SNR-matched flow time: ``x_f' = x_f + (s' - s) u``
     with ``u = eps_hat - x0_hat``. This equals the DDIM step ``x' = a' x0_hat + b' eps_hat`` and, for a
     rectified-flow teacher, plain Euler on its velocity."""
@@ -60,7 +110,8 @@ def sample_euler(model, x: Tensor, ts: Tensor, cond=None, generator=None, callba
 
 
 @torch.no_grad()
-def sample_heun(model, x: Tensor, ts: Tensor, cond=None, generator=None, callback: Callable | None = None) -> Tensor:
+def sample_heun(model, x: Tensor, ts: Tensor, cond=None, noise: NoiseFn | None = None,
+                 callback: Callable | None = None) -> Tensor:
     """Heun's second-order method on the same flow-time ODE (EDM Algorithm 1 without churn); the
     last step is plain Euler when it ends at the data end, where the second evaluation is undefined."""
     for i in range(len(ts) - 1):
@@ -79,14 +130,15 @@ def sample_heun(model, x: Tensor, ts: Tensor, cond=None, generator=None, callbac
 
 
 @torch.no_grad()
-def sample_multistep(model, x: Tensor, ts: Tensor, cond=None, generator=None, callback: Callable | None = None) -> Tensor:
+def sample_multistep(model, x: Tensor, ts: Tensor, cond=None, noise: NoiseFn | None = None,
+                     callback: Callable | None = None) -> Tensor:
     """Few-step (consistency-style) student sampling: predict x0, re-noise it with fresh noise at
     the next time, repeat; the last prediction is returned."""
     for i in range(len(ts) - 1):
         x0 = model.x0_eps(x, ts[i], cond).x0
         # re-noise to the next time, except at the end: the data end of EDM is sigma_min > 0
         if i < len(ts) - 2 and float(model.level(ts[i + 1]).b) > 0:
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            eps = torch.randn_like(x) if noise is None else noise(i, x).to(device=x.device, dtype=x.dtype)
             x = _step(model, x0, eps, ts[i + 1])
         else:
             x = x0
@@ -100,7 +152,7 @@ class OneStepGenerator(torch.nn.Module):
     sampler's start ``x = b(t_noise) z`` is turned back into ``z``. It is one-step only; a call at any
     other time is an error rather than a silently wrong re-noising."""
 
-    def __init__(self, fn: Callable, convention: noise.Convention, net: torch.nn.Module | None = None):
+    def __init__(self, fn: Callable, convention: noise_lib.Convention, net: torch.nn.Module | None = None):
         super().__init__()
         self.fn, self.convention, self._net = fn, convention, net
         self.null_label = None
@@ -127,24 +179,54 @@ class OneStepGenerator(torch.nn.Module):
 SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "multistep": sample_multistep}
 
 
-def generate(model, shape, steps: int, cond=None, sampler: str = "euler", seed: int = 0,
+def keyed_noise(seed: int, start: int = 0) -> NoiseFn:
+    """The sampler's ``noise`` for a batch whose first sample is sample ``start`` of the whole set:
+    sample ``start + k`` at step ``i`` draws from ``keyed_generator(seed, SAMPLING_RENOISE, i, start + k)``."""
+    def draw(i: int, x: Tensor) -> Tensor:
+        eps = [torch.randn(x.shape[1:], generator=keyed_generator(seed, SAMPLING_RENOISE, i, start + k), dtype=x.dtype)
+               for k in range(x.shape[0])]
+        return torch.stack(eps).to(x.device)
+    return draw
+
+
+def _initial_noise_batches(convention, t0: Tensor, shape, seed: int, batch_size: int):
+    """The initial noise of ``shape[0]`` samples, cut into batches: drawn from one generator seeded with
+    ``seed`` in chunks of :data:`NOISE_CHUNK` samples, so it does not depend on ``batch_size``."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n, drawn, buf = shape[0], 0, []
+    for s in range(0, n, batch_size):
+        b = min(batch_size, n - s)
+        while sum(len(c) for c in buf) < b:
+            c = min(NOISE_CHUNK, n - drawn)
+            buf.append(initial_noise(convention, t0, (c, *shape[1:]), generator=g))
+            drawn += c
+        pool = buf[0] if len(buf) == 1 else torch.cat(buf)
+        yield s, pool[:b]
+        buf = [pool[b:]] if len(pool) > b else []
+
+
+def generate(model, shape, steps: int | Sequence[float], cond=None, sampler: str = "euler", seed: int = 0,
              batch_size: int = 500, device="cpu", progress: bool = False) -> Tensor:
-    """Sample ``shape[0]`` outputs in batches with noise from one seeded generator (reproducible)."""
+    """Sample ``shape[0]`` outputs in batches of ``batch_size``, reproducibly: the initial noise comes
+    from one generator seeded with ``seed`` (see :data:`NOISE_CHUNK`), the few-step sampler's
+    re-noising from generators keyed by (seed, step, global sample index) (:func:`keyed_noise`); so a
+    sample depends on neither the batch size nor the batch it lands in. ``steps``: an int or a list of
+    times (:func:`student_times`)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     fn = SAMPLERS[sampler]
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    ts = timesteps(model.convention, steps, device=device)
+    ts = student_times(model.convention, steps, device=device)
     n = shape[0]
     out = []
-    starts = range(0, n, batch_size)
+    batches = _initial_noise_batches(model.convention, ts[0].cpu(), shape, seed, batch_size)
     if progress:
         from tqdm import tqdm
 
-        starts = tqdm(starts, desc=f"{sampler} {steps} steps", leave=False)
-    for s in starts:
-        b = min(batch_size, n - s)
-        x = initial_noise(model.convention, ts[0], (b, *shape[1:]), generator=g).to(device)
+        batches = tqdm(batches, total=-(-n // batch_size), desc=f"{sampler} {len(ts) - 1} steps", leave=False)
+    for s, x in batches:
+        b = len(x)
         c = None if cond is None else cond[s:s + b].to(device)
-        out.append(fn(model, x, ts, c, generator=g).cpu())
+        out.append(fn(model, x.to(device), ts, c, noise=keyed_noise(seed, s)).cpu())
     return torch.cat(out)

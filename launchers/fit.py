@@ -19,7 +19,7 @@ from common.config import ConfigError, load_config, to_yaml  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
-    ap.add_argument("overrides", nargs="*", help="key=value, e.g. trainer.max_steps=100")
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. run.iterations=100")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     args = ap.parse_args(argv)
     try:
@@ -42,6 +42,10 @@ def main(argv=None) -> int:
         path = Path(cfg["run"]["dir"]) / cfg["run"]["export"]  # an absolute export path stays as it is
         module.export(str(path))
         print(f"exported weights to {path}")
+    if trainer.global_rank == 0:
+        from common.validation import summary
+
+        print(summary(cfg["run"]["dir"]), flush=True)
     return 0
 
 

@@ -20,3 +20,23 @@ def _threads():
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+TINY_DIT = {"target": "common.nets.dit.DiT", "image_size": 32, "in_channels": 1, "patch_size": 8, "dim": 16,
+            "depth": 4, "heads": 2, "mlp_ratio": 2.0, "num_classes": 10}
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A weights file of a tiny random DiT shaped like the embedded teacher (32x32, 10 classes, 4 blocks,
+    16 tokens): per-method tests train on it in seconds; runs on the real teacher belong to
+    launchers/benchmark.py."""
+    import torch
+
+    from common.teachers.embedded import build_net, save_weights
+
+    torch.manual_seed(0)
+    net = build_net(TINY_DIT)
+    path = tmp_path_factory.mktemp("tiny") / "tiny_dit.pt"
+    save_weights(path, TINY_DIT, net.state_dict(), {"note": "random weights, tests only"})
+    return str(path)

@@ -3,7 +3,6 @@ figures recorded for them are reproduced."""
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,6 +15,15 @@ from common.teachers.embedded import EMBEDDED, file_sha256, load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = ROOT / "projects" / "teacher" / "baseline.json"
+
+# Figures recorded on the development machine are reproduced to a tolerance that covers another CPU
+# (its float kernels round differently): an FD-like figure to a relative 1e-4 (1e-3 after sampling
+# through the teacher), an accuracy over 1,000 samples to 2 flipped predictions (2.5e-3: the float
+# difference of two accuracies 2/1000 apart may exceed 2e-3; 3 flips fail). Within one process a
+# repeated evaluation is exact.
+FD_REL = 1e-4
+FD_REL_SAMPLED = 1e-3
+ACC_ABS = 2.5e-3
 
 
 def test_shipped_weights_are_small():
@@ -31,17 +39,17 @@ def test_classifier_heldout_accuracy_and_reference():
     _, pred = evaluator.classify(x)
     acc = float((pred == y.numpy()).mean())
     assert acc >= 0.98
-    assert acc == pytest.approx(meta["heldout_accuracy"], abs=1e-9)
+    assert acc == pytest.approx(meta["heldout_accuracy"], abs=ACC_ABS)
     ref = evaluator.load_reference()  # checks the classifier hash it was computed with
-    assert float(ref["heldout_accuracy"]) == pytest.approx(acc, abs=1e-9)
+    assert float(ref["heldout_accuracy"]) == meta["heldout_accuracy"]  # two recorded figures: the same run
 
 
-def test_fd_floor_is_reproduced_exactly_and_repeatable():
+def test_fd_floor_is_reproduced_and_repeatable():
     ref = evaluator.load_reference()
     x, _ = load_tensors("mnist", "heldout")
     fds = [frechet_distance(*feature_stats(evaluator.classify(x)[0]), ref["mu"], ref["sigma"]) for _ in range(2)]
-    assert fds[0] == fds[1]
-    assert fds[0] == pytest.approx(float(ref["fd_floor"]), rel=1e-6)
+    assert fds[0] == fds[1]  # exact within one process
+    assert fds[0] == pytest.approx(float(ref["fd_floor"]), rel=FD_REL)
 
 
 def test_teacher_loads_with_identity():
@@ -60,10 +68,10 @@ def test_teacher_reproduces_its_recorded_fd():
     rec = next(r for r in rows if r["steps"] == 2 and r["guidance"] is not None)
     gen = load_generator("teacher:mnist")
     got = measure(gen, 2, rec["guidance"])
-    assert got["fd"] == pytest.approx(rec["fd"], rel=1e-3)
-    assert got["accuracy"] == pytest.approx(rec["accuracy"], abs=2e-3)
+    assert got["fd"] == pytest.approx(rec["fd"], rel=FD_REL_SAMPLED)
+    assert got["accuracy"] == pytest.approx(rec["accuracy"], abs=ACC_ABS)
     again = measure(gen, 2, rec["guidance"])
-    assert again["fd"] == got["fd"]
+    assert again["fd"] == got["fd"]  # exact within one process
 
 
 @pytest.mark.parametrize("name", ["8gaussians", "checkerboard"])

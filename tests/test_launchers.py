@@ -26,6 +26,8 @@ def test_unknown_key_wrong_type_and_missing_checkpoint_are_named_errors(tmp_path
     assert p.returncode == 2 and "config key 'data.batch_size' has type str, expected int" in p.stderr
     p = run("launchers/fit.py", TOY, "trainer.max_stepz=3", "--dry-run")
     assert p.returncode == 2 and "unknown config key 'trainer.max_stepz'" in p.stderr
+    p = run("launchers/fit.py", TOY, "trainer.max_steps=3", "--dry-run")
+    assert p.returncode == 2 and "'trainer.max_steps' is not set by hand" in p.stderr and "run.iterations" in p.stderr
     p = run("launchers/fit.py", TOY, "bogus.x=1", "--dry-run")
     assert p.returncode == 2 and "unknown config key 'bogus.x'" in p.stderr
     missing = tmp_path / "nope.ckpt"
@@ -53,13 +55,13 @@ def _losses(run_dir):
 
 def test_fit_writes_a_run_and_resumes_exactly(tmp_path):
     common = ["trainer.log_every_n_steps=1", "trainer.val_check_interval=10", "module.num_samples=200",
-              "module.sample_steps=4", "data.batch_size=64", "run.ckpt_every_n_steps=10"]
+              "module.sample_steps=4", "data.batch_size=64", "run.ckpt_every=10"]
     full, part = tmp_path / "full", tmp_path / "part"
-    run("launchers/fit.py", TOY, *common, "trainer.max_steps=20", f"run.dir={full}", check=True)
+    run("launchers/fit.py", TOY, *common, "run.iterations=20", f"run.dir={full}", check=True)
     # the same run stopped at step 10, then resumed from its last checkpoint to step 20
-    run("launchers/fit.py", TOY, *common, "trainer.max_steps=10", f"run.dir={part}", check=True)
+    run("launchers/fit.py", TOY, *common, "run.iterations=10", f"run.dir={part}", check=True)
     assert (part / "checkpoints" / "last.ckpt").is_file()
-    p = run("launchers/fit.py", TOY, *common, "trainer.max_steps=20", f"run.dir={part}", check=True)
+    p = run("launchers/fit.py", TOY, *common, "run.iterations=20", f"run.dir={part}", check=True)
     assert "Restoring states from the checkpoint" in p.stdout + p.stderr
     a, b = _losses(full), _losses(part)
     assert sorted(a) == list(range(20)) and sorted(b) == list(range(20))
@@ -70,7 +72,7 @@ def test_fit_writes_a_run_and_resumes_exactly(tmp_path):
     wb = torch.load(part / "toy_8gaussians_mlp.pt", weights_only=True)["state_dict"]
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0)
-    assert (full / "config.yaml").read_text().count("max_steps: 20") == 1
+    assert (full / "config.yaml").read_text().count("iterations: 20") == 1
     assert (full / "toy_8gaussians_mlp.pt").is_file()  # run.export, inside the run directory
     assert sorted(p.name for p in (full / "samples").glob("*.png")) == ["step0000010.png", "step0000020.png"]
     # the exported EMA teacher samples, through sample.py
@@ -81,3 +83,71 @@ def test_fit_writes_a_run_and_resumes_exactly(tmp_path):
 
     pts = np.load(out.with_suffix(".npz"))["points"]
     assert pts.shape == (100, 2) and np.isfinite(pts).all()
+
+
+def _all_configs():
+    from common.project_index import projects
+
+    return [str(c.relative_to(ROOT)) for p in projects().values() for c in p.configs()]
+
+
+def test_every_config_under_projects_dry_runs():
+    """Every project's embedded and paper-scale config resolves as ``--dry-run`` resolves it (found by
+    folder, not by a list; in this process, and one through the launcher itself)."""
+    from common.config import load_config, to_yaml
+
+    configs = _all_configs()
+    assert len(configs) >= 8
+    for config in configs:
+        cfg = load_config(ROOT / config)
+        assert cfg["run"]["iterations"] > 0 and "target" in cfg["module"], config
+        assert to_yaml(cfg)
+    p = run("launchers/fit.py", configs[-1], "--dry-run", check=True)
+    assert "target:" in p.stdout and "iterations:" in p.stdout
+
+
+def test_projects_are_discovered_by_their_folder(tmp_path):
+    """A project is a folder with a project.yaml: a new one is found with no edit elsewhere."""
+    import shutil
+
+    from common.project_index import projects
+
+    found = projects(root=ROOT)
+    assert {"swiftbrush", "uni_instruct"} <= set(projects("method", root=ROOT))
+    assert {"teacher", "classifier"} <= set(projects("recipe", root=ROOT)) and set(found) >= {"teacher"}
+    shutil.copytree(ROOT / "projects" / "swiftbrush", tmp_path / "projects" / "newmethod",
+                    ignore=shutil.ignore_patterns("*.png"))
+    assert set(projects("method", root=tmp_path)) == {"newmethod"}
+    (tmp_path / "projects" / "newmethod" / "project.yaml").write_text("kind: paper\n")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        projects(root=tmp_path)
+
+
+def test_validation_callback_batch_arithmetic_and_final_summary(tmp_path, tiny_teacher):
+    """A short distillation run: the batch arithmetic at start-up; in-run validation every 2 iterations
+    (metrics, grids); final figures at the pinned and the second sampling seed in results.json, printed
+    with the grid and checkpoint paths."""
+    import json
+
+    out = tmp_path / "r"
+    p = run("launchers/fit.py", "projects/swiftbrush/config.yaml", f"module.teacher={tiny_teacher}",
+            "run.iterations=4", "data.batch_size=4", "trainer.val_check_interval=2", "validation.num_samples=20",
+            "trainer.log_every_n_steps=1", f"run.dir={out}", "trainer.enable_progress_bar=false", check=True)
+    assert "batch: global 4 = 1 rank(s) x 4 per rank; 16 samples in all" in p.stdout
+    assert "optimizer steps: 8 (critic 4, student 4); phases: main from 0" in p.stdout
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert max(float(r["progress/samples_seen"]) for r in rows if r.get("progress/samples_seen")) == 16.0
+    assert len([r for r in rows if r.get("val/fd_1step")]) == 2  # at iterations 2 and 4
+    assert sorted(f.name for f in (out / "samples").glob("*.png")) == \
+        ["final_1step.png", "it0000002_1step.png", "it0000004_1step.png"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["iteration"] == 4 and [(r["steps"], r["seed"], r["num_samples"]) for r in res["results"]] == \
+        [(1, 0, 1000), (1, 7, 1000)]
+    assert res["results"][0]["fd"] != res["results"][1]["fd"]  # another sampling seed, other samples
+    for r in res["results"]:
+        assert f"1step, seed {r['seed']}: FD {r['fd']:.2f}" in p.stdout
+    assert f"grid: {out / 'samples' / 'final_1step.png'}" in p.stdout
+    assert f"checkpoint: {out / 'checkpoints' / 'last.ckpt'}" in p.stdout
+    p = run("launchers/fit.py", "projects/swiftbrush/config.yaml", "data.batch_size=5", "trainer.devices=2",
+            "trainer.strategy=ddp", f"module.teacher={tiny_teacher}", "run.iterations=1", f"run.dir={tmp_path / 'b'}")
+    assert p.returncode != 0 and "data.batch_size=5 (the global batch) is not divisible by" in p.stderr

@@ -76,9 +76,9 @@ def test_swiftbrush_vp_student_is_the_eps_form_at_the_last_timestep(sd_like):
     from projects.swiftbrush.method import SwiftBrush
 
     m = SwiftBrush(teacher=f"diffusers:{sd_like / 'model'}", null_embedding=str(sd_like / "prompts.npz"),
-                   lora_targets=["to_q", "to_v"], lora_rank=4, lora_alpha=8.0)
+                   roles={"critic": {"init": "lora", "lora": {"targets": ["to_q", "to_v"], "rank": 4, "alpha": 8.0}}})
     z, c = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
-    abar = m.teacher.convention.alphas_cumprod[-1].float()
+    abar = m.den.teacher.convention.alphas_cumprod[-1].float()
     with torch.no_grad():
         eps = m.roles["student"].net(z, torch.full((2,), 999.0), c)
         torch.testing.assert_close(m.generate(z, c), (z - (1 - abar).sqrt() * eps) / abar.sqrt(), rtol=1e-4, atol=1e-4)
@@ -86,25 +86,25 @@ def test_swiftbrush_vp_student_is_the_eps_form_at_the_last_timestep(sd_like):
     lora = {id(p) for n, p in m.roles["critic"].net.named_parameters() if "lora_" in n}
     assert lora and {id(p) for p in m.roles["critic"].trainable_params()} == lora
     # label dropout on embeddings swaps in the empty prompt
-    null = m.teacher.drop_cond(c, torch.tensor([True, False]))
-    torch.testing.assert_close(null[0], m.teacher.null_embedding)
+    null = m.den.teacher.drop_cond(c, torch.tensor([True, False]))
+    torch.testing.assert_close(null[0], m.den.teacher.null_embedding)
     torch.testing.assert_close(null[1], c[1])
 
 
 @pytest.mark.parametrize("project,overrides", [
     ("swiftbrush", lambda r: ["projects/swiftbrush/configs/sd21_base.yaml",
                               f"module.teacher=diffusers:{r / 'model'}", f"module.null_embedding={r / 'prompts.npz'}",
-                              f"data.embeddings={r / 'prompts.npz'}", "module.lora_rank=4", "data.batch_size=2",
+                              f"data.embeddings={r / 'prompts.npz'}", "roles.critic.lora.rank=4", "data.batch_size=2",
                               "trainer.precision=32-true"]),
     ("uni_instruct", lambda r: ["projects/uni_instruct/configs/cifar10_ddpm.yaml",
                                 f"module.teacher=diffusers:{r / 'model'}", f"data.shards={r / 'shards'}",
-                                "data.batch_size=4", "module.warmup_until=1", "module.sid_until=2",
+                                "data.batch_size=4", "schedule.0.until=1", "schedule.1.until=2",
                                 "trainer.precision=32-true"]),
 ])
 def test_paper_scale_config_trains_a_few_steps(project, overrides, sd_like, cifar_like, tmp_path):
     root = sd_like if project == "swiftbrush" else cifar_like
     out = tmp_path / "run"
-    run("launchers/fit.py", *overrides(root), "trainer.max_steps=6", "trainer.log_every_n_steps=1",
+    run("launchers/fit.py", *overrides(root), "run.iterations=3", "trainer.log_every_n_steps=1",
         f"run.dir={out}", check=True)
     import csv
 
@@ -112,7 +112,11 @@ def test_paper_scale_config_trains_a_few_steps(project, overrides, sd_like, cifa
     losses = [float(r[k]) for r in rows for k in ("student/loss", "critic/loss") if r.get(k)]
     assert len(losses) >= 4 and all(np.isfinite(losses))
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
-    assert not any(k.startswith("roles.teacher.") for k in ckpt["state_dict"])  # frozen: identified, not stored
+    keys = list(ckpt["state_dict"])
+    assert any(k.startswith("nets.student.") for k in keys)
+    # the frozen teacher is identified by hash, not stored; with a LoRA critic only its adapters are
+    assert not any(k.startswith("nets.teacher.") and "lora_" not in k for k in keys)
+    assert ckpt["distill"]["frozen"]["teacher"]["sha256"] == load_teacher(f"diffusers:{root / 'model'}").source["sha256"]
 
 
 @pytest.mark.parametrize("project,config", [("swiftbrush", "configs/sd21_base.yaml"),

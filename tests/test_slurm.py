@@ -39,7 +39,7 @@ def test_dry_run_script_and_bad_array_key():
 
 def test_array_job_gives_one_run_directory_per_task(cluster, tmp_path):
     run = tmp_path / "array"
-    args = [sys.executable, "launchers/slurm.py", TOY, "trainer.max_steps=3", "trainer.val_check_interval=3",
+    args = [sys.executable, "launchers/slurm.py", TOY, "run.iterations=3", "trainer.val_check_interval=3",
             "module.num_samples=50", "module.sample_steps=2", "data.batch_size=32", "slurm.cpus_per_task=1",
             f"run.dir={run}", "--array", "module.seed=0,1,2"]
     p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=cluster)
@@ -61,8 +61,8 @@ def _losses(run_dir):
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
-COMMON = ["trainer.max_steps=12", "trainer.val_check_interval=12", "trainer.log_every_n_steps=1",
-          "module.num_samples=50", "module.sample_steps=2", "data.batch_size=64", "run.ckpt_every_n_steps=4"]
+COMMON = ["run.iterations=12", "trainer.val_check_interval=12", "trainer.log_every_n_steps=1",
+          "module.num_samples=50", "module.sample_steps=2", "data.batch_size=64", "run.ckpt_every=4"]
 
 
 def test_two_task_ddp_matches_one_process(cluster, tmp_path):
@@ -83,6 +83,35 @@ def test_two_task_ddp_matches_one_process(cluster, tmp_path):
         assert b[k] == pytest.approx(a[k], rel=1e-5), k
 
 
+def _role_losses(run_dir):
+    import csv
+
+    with open(run_dir / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("step")]
+    return {(int(r["step"]), k): float(r[k]) for r in rows for k in ("student/loss", "critic/loss") if r.get(k)}
+
+
+def test_two_task_ddp_distillation_matches_one_process(cluster, tmp_path, tiny_teacher):
+    """A multi-role method (SwiftBrush: student and critic steps, each its own optimizer) as a 2-task DDP
+    job logs the same per-role losses as one process with the same global batch."""
+    args = ["projects/swiftbrush/config.yaml", f"module.teacher={tiny_teacher}", "run.iterations=4",
+            "data.batch_size=8", "validation.steps=[]", "trainer.log_every_n_steps=1", "run.ckpt_every=100"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "launchers/fit.py", *args, f"run.dir={one}"], cwd=ROOT, check=True,
+                   capture_output=True)
+    p = subprocess.run([sys.executable, "launchers/slurm.py", *args, "slurm.ntasks_per_node=2",
+                        "slurm.cpus_per_task=1", f"run.dir={two}"], cwd=ROOT, capture_output=True, text=True,
+                       env=cluster)
+    assert p.returncode == 0, p.stderr
+    slurm_cluster.wait_jobs(cluster)
+    log = next((two / "slurm").glob("*.out")).read_text(errors="replace")
+    assert "batch: global 8 = 2 rank(s) x 4 per rank" in log, log[-2000:]
+    a, b = _role_losses(one), _role_losses(two)
+    assert {k for _, k in a} == {"student/loss", "critic/loss"} and sorted(a) == sorted(b) and len(a) == 8
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-5), k
+
+
 def test_requeued_job_resumes_and_ends_like_an_uninterrupted_run(cluster, tmp_path):
     import time
 
@@ -90,8 +119,8 @@ def test_requeued_job_resumes_and_ends_like_an_uninterrupted_run(cluster, tmp_pa
 
     ref, run = tmp_path / "ref", tmp_path / "req"
     # batch 1024 and 600 steps: long enough (tens of seconds) that the signal lands mid-run on an idle machine
-    steps = ["trainer.max_steps=600", "trainer.val_check_interval=600", "trainer.log_every_n_steps=1",
-             "module.num_samples=50", "module.sample_steps=2", "data.batch_size=1024", "run.ckpt_every_n_steps=50"]
+    steps = ["run.iterations=600", "trainer.val_check_interval=600", "trainer.log_every_n_steps=1",
+             "module.num_samples=50", "module.sample_steps=2", "data.batch_size=1024", "run.ckpt_every=50"]
     subprocess.run([sys.executable, "launchers/fit.py", TOY, *steps, f"run.dir={ref}"], cwd=ROOT, check=True,
                    capture_output=True)
     p = subprocess.run([sys.executable, "launchers/slurm.py", TOY, *steps, "slurm.cpus_per_task=1",

@@ -17,13 +17,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.data import embedded
+from common.rng import DATA_ORDER, keyed_generator
 
 log = logging.getLogger(__name__)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=keyed_generator(seed, DATA_ORDER, epoch))
 
 
 class PositionDataset(Dataset):

@@ -1,6 +1,6 @@
 """A data-free stream for image-free methods (SwiftBrush, SiD): only class labels, never images.
 
-Each global position draws its label from a generator keyed by (seed, position), so the stream
+Each global position draws its label from a generator keyed by (seed, position) (common/rng.py), so the stream
 has the same properties as common/data/datamodule.py (rank split, resume); batches are
 ``(labels, positions)``.
 """
@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common.data.datamodule import PositionDataset, StreamBatchSampler
+from common.rng import DATA_LABELS, keyed_generator
 
 
 class LabelDataset(Dataset):
@@ -23,7 +24,7 @@ class LabelDataset(Dataset):
         return 1 << 62
 
     def __getitem__(self, pos: int):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + pos)
+        g = keyed_generator(self.seed, DATA_LABELS, pos)
         return torch.randint(self.num_classes, (), generator=g), pos
 
 

@@ -113,3 +113,28 @@ def evaluate_points(x: torch.Tensor, name: str) -> dict:
     ref, _ = load_tensors(name, "heldout")
     cov = mode_coverage(x, MODES[name], MODE_RADIUS[name], p["min_mode_share"], chebyshev=name == "checkerboard")
     return {"swd": sliced_wasserstein(x, ref, p["swd_projections"], p["seed"]), **cov, "num_samples": len(x)}
+
+
+def protocol_for(dataset: str) -> dict:
+    """The protocol that measures samples of ``dataset`` (``mnist``; the 2-D toys share ``toy2d``)."""
+    all_ = OmegaConf.to_container(OmegaConf.load(PROTOCOL_FILE))
+    for name, p in all_.items():
+        if dataset == name or dataset in p.get("datasets", ()):
+            return p
+    raise ValueError(f"no evaluation protocol for data set {dataset!r}; protocols: {sorted(all_)}")
+
+
+def evaluate(x: torch.Tensor, labels: torch.Tensor | None, dataset: str) -> dict:
+    """The metric set of ``dataset``'s protocol: images (FD, accuracy, precision, recall) or 2-D points
+    (SWD, mode coverage)."""
+    kind = protocol_for(dataset)["kind"]
+    if kind == "images":
+        return evaluate_images(x, labels)
+    if kind == "points":
+        return evaluate_points(x, dataset)
+    raise ValueError(f"protocol kind {kind!r} has no metric set")
+
+
+def teacher_best(dataset: str = "mnist") -> dict | None:
+    """The embedded teacher's best guided FD under the protocol (``teacher_best`` in protocol.yaml)."""
+    return protocol_for(dataset).get("teacher_best")
