@@ -233,7 +233,8 @@ def _project_suite(project, args) -> tuple[dict, list[dict]]:
     rows, checks = [], []
     config = str(project.config.relative_to(ROOT))
     for v in chosen:
-        seeds = b.training_seeds if v == next(iter(b.variants)) else b.training_seeds[:1]
+        all_seeds = args.seeds or b.training_seeds
+        seeds = all_seeds if v == next(iter(b.variants)) else all_seeds[:1]
         for seed in seeds:
             name = f"{project.name}_{v}" + (f"_seed{seed}" if seed else "")
             grid = project.dir / project.grid_name(v) if seed == b.training_seeds[0] else None
@@ -307,6 +308,8 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", nargs="+", default=None,
                     help="method suites: the variants to run (default: the gated ones; 'all': every "
                          "variant in the project's project.yaml)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="method suites: the training seeds (default: the project's training_seeds)")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     failed = []
@@ -315,13 +318,15 @@ def main(argv=None) -> int:
         result, checks = SUITES[name](args) if name in SUITES else _project_suite(methods[name], args)
         result.update(checks=checks, seconds=round(time.time() - t0, 1),
                       command=f"python launchers/benchmark.py {name}")
-        (OUT / f"{name}.json").write_text(json.dumps(result, indent=2))
+        tag = name + "".join(f"_{k}-{'-'.join(map(str, getattr(args, k)))}" for k in ("presets", "seeds")
+                             if name not in SUITES and getattr(args, k))
+        (OUT / f"{tag}.json").write_text(json.dumps(result, indent=2))
         print(f"\n## {name}\n\n{result['table']}\n")
         for c in checks:
             print(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']}: {c['value']} {c['op']} {c['bound']}")
             if not c["ok"]:
                 failed.append(f"{name}: {c['check']}")
-        print(f"({result['seconds']} s; wrote {OUT / (name + '.json')})")
+        print(f"({result['seconds']} s; wrote {OUT / (tag + '.json')})")
     if failed:
         print(f"\n{len(failed)} acceptance figure(s) missed: " + "; ".join(failed), file=sys.stderr)
         return 1

@@ -148,6 +148,21 @@ def test_validation_callback_batch_arithmetic_and_final_summary(tmp_path, tiny_t
         assert f"1step, seed {r['seed']}: FD {r['fd']:.2f}" in p.stdout
     assert f"grid: {out / 'samples' / 'final_1step.png'}" in p.stdout
     assert f"checkpoint: {out / 'checkpoints' / 'last.ckpt'}" in p.stdout
+    # the run's checkpoint loads strictly for sampling, and only with the teacher it was trained with
+    from common.checkpoints import load_generator
+
+    last = out / "checkpoints" / "last.ckpt"
+    assert load_generator(str(last)).sampler == "multistep"
+    ck = torch.load(last, weights_only=False)
+    ck["distill"]["frozen"]["teacher"]["sha256"] = "0" * 64
+    torch.save(ck, out / "checkpoints" / "other.ckpt")
+    with pytest.raises(ValueError, match="trained with another teacher"):
+        load_generator(str(out / "checkpoints" / "other.ckpt"))
+    ck = torch.load(last, weights_only=False)
+    ck["state_dict"]["nets.student.extra"] = torch.zeros(1)
+    torch.save(ck, out / "checkpoints" / "extra.ckpt")
+    with pytest.raises(RuntimeError, match="unexpected 1 key"):
+        load_generator(str(out / "checkpoints" / "extra.ckpt"))
     p = run("launchers/fit.py", "projects/swiftbrush/config.yaml", "data.batch_size=5", "trainer.devices=2",
             "trainer.strategy=ddp", f"module.teacher={tiny_teacher}", "run.iterations=1", f"run.dir={tmp_path / 'b'}")
     assert p.returncode != 0 and "data.batch_size=5 (the global batch) is not divisible by" in p.stderr
