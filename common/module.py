@@ -52,7 +52,6 @@ class DistillationModule(L.LightningModule):
         self.seed = seed
         self.ema_beta, self.ema_warmup, self.max_nonfinite = ema_beta, ema_warmup, max_nonfinite
         self.role_settings: dict[str, RoleConfig] = role_configs(roles)
-        self._schedule_spec = schedule
         self._schedule = Schedule.from_config(schedule) if schedule else None
         self.roles: dict[str, Role] = {}
         self.nets = nn.ModuleDict()  # each network once, under the first role that holds it
