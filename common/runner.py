@@ -57,6 +57,11 @@ class _ResumingWriter(ExperimentWriter):
         self.metrics_keys = sorted(keys)
 
 
+def iterations_done(trainer, module) -> int:
+    """Iterations run so far: a distillation module counts them; a recipe takes one optimizer step each."""
+    return module.iteration if isinstance(module, DistillationModule) else trainer.global_step
+
+
 class IterationProgressBar(TQDMProgressBar):
     """The training bar counts iterations to the end of the run (``run.iterations``); a distillation
     iteration takes one optimizer step per role its schedule names, so ``max_steps`` would not do."""
@@ -67,8 +72,7 @@ class IterationProgressBar(TQDMProgressBar):
 
     @property
     def total_train_batches(self):
-        module = self.trainer.lightning_module
-        done = module.iteration if isinstance(module, DistillationModule) else self.trainer.global_step
+        done = iterations_done(self.trainer, self.trainer.lightning_module)
         return min(self.trainer.num_training_batches, self.iterations - done)
 
 
@@ -80,8 +84,7 @@ class IterationCheckpoint(ModelCheckpoint):
         self.every = every
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        done = module.iteration if isinstance(module, DistillationModule) else trainer.global_step
-        if done % self.every or self._should_skip_saving_checkpoint(trainer):
+        if iterations_done(trainer, module) % self.every or self._should_skip_saving_checkpoint(trainer):
             return
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
@@ -110,9 +113,9 @@ class RunLength(Callback):
                          f"{self.iterations * b:,} samples in all")
         if isinstance(module, DistillationModule):
             sch = module.schedule
-            per_role = {r: sum(r in sch.roles_at(i) for i in range(self.iterations)) for r in sorted(sch.roles())}
+            per_role = sch.steps_per_role(self.iterations)
             lines.append(f"optimizer steps: {trainer.max_steps} ("
-                         + ", ".join(f"{r} {n}" for r, n in per_role.items()) + "); phases: "
+                         + ", ".join(f"{r} {per_role[r]}" for r in sorted(per_role)) + "); phases: "
                          + ", ".join(f"{p.name} from {sch.start_of(p.name)}" for p in sch.phases))
             if module.iteration:
                 lines.append(f"resuming at iteration {module.iteration}")

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from common import noise as noise_lib
-from common.rng import SAMPLING_RENOISE, keyed_generator
+from common.rng import SAMPLING_RENOISE, randn_per_sample
 
 NoiseFn = Callable[[int, Tensor], Tensor]
 
@@ -183,9 +183,8 @@ def keyed_noise(seed: int, start: int = 0) -> NoiseFn:
     """The sampler's ``noise`` for a batch whose first sample is sample ``start`` of the whole set:
     sample ``start + k`` at step ``i`` draws from ``keyed_generator(seed, SAMPLING_RENOISE, i, start + k)``."""
     def draw(i: int, x: Tensor) -> Tensor:
-        eps = [torch.randn(x.shape[1:], generator=keyed_generator(seed, SAMPLING_RENOISE, i, start + k), dtype=x.dtype)
-               for k in range(x.shape[0])]
-        return torch.stack(eps).to(x.device)
+        pos = torch.arange(start, start + x.shape[0])
+        return randn_per_sample((seed, SAMPLING_RENOISE, i), pos, x.shape[1:], x.dtype).to(x.device)
     return draw
 
 

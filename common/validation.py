@@ -34,7 +34,6 @@ def steps_label(steps) -> str:
 class Validation(Callback):
     def __init__(self, config: ValidationConfig, run_dir: str):
         self.cfg, self.run_dir = config, Path(run_dir)
-        self.final: dict | None = None
 
     def _measure(self, module, steps, num_samples: int | None, seed: int | None) -> tuple[dict, Tensor]:
         from common.checkpoints import Generator
@@ -72,10 +71,9 @@ class Validation(Callback):
                 if j == 0:
                     save_samples(x, self.run_dir / "samples" / f"final_{steps_label(n)}.png",
                                  f"iteration {module.iteration}, {steps_label(n)}")
-        self.final = {"iteration": module.iteration, "results": rows}
         path = self.run_dir / "results.json"
         tmp = path.with_name("results.json.tmp")
-        tmp.write_text(json.dumps(self.final, indent=2))
+        tmp.write_text(json.dumps({"iteration": module.iteration, "results": rows}, indent=2))
         tmp.replace(path)
 
 

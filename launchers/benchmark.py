@@ -170,7 +170,7 @@ def suite_jvp(args) -> tuple[dict, list[dict]]:
     return {"rows": rows, "table": "\n".join(lines)}, checks
 
 
-def _fit(name: str, config: str, overrides: list[str], grid_to: Path | None = None) -> dict:
+def _fit(name: str, config: str, overrides: list[str], grid_to: Path | None = None) -> list[dict]:
     """One run of ``config`` with ``overrides``, from scratch (its directory removed first), timed; its
     results.json rows (one per sampling seed). The final one-step grid is copied to ``grid_to`` (the
     project README's picture) when given."""
@@ -232,9 +232,9 @@ def _project_suite(project, args) -> tuple[dict, list[dict]]:
     best = _teacher_best()
     rows, checks = [], []
     config = str(project.config.relative_to(ROOT))
+    all_seeds, default = args.seeds or b.training_seeds, next(iter(b.variants))
     for v in chosen:
-        all_seeds = args.seeds or b.training_seeds
-        seeds = all_seeds if v == next(iter(b.variants)) else all_seeds[:1]
+        seeds = all_seeds if v == default else all_seeds[:1]
         for seed in seeds:
             name = f"{project.name}_{v}" + (f"_seed{seed}" if seed else "")
             grid = project.dir / project.grid_name(v) if seed == b.training_seeds[0] else None

@@ -153,6 +153,17 @@ def test_max_steps_is_derived_from_iterations_and_the_schedule():
     assert uni.steps_for(400) == 80 + 2 * 320 and uni.steps_for(400, start=100) == 2 * 300
     rcm = Schedule.from_config(phases((None, [["critic"]] * 5 + [["student"]])))
     assert rcm.steps_for(12) == 12
+    # the per-phase count equals walking the iterations, for every start and end
+    mixed = Schedule.from_config(phases((3, [["student"]]), (7, [["critic", "student"], ["critic"]]),
+                                        (None, [["critic"]] * 4 + [["student", "critic"]])))
+    for sch in (uni, rcm, mixed):
+        for start in range(0, 14):
+            for end in range(start, 30):
+                walked = {}
+                for it in range(start, end):
+                    for r in sch.roles_at(it):
+                        walked[r] = walked.get(r, 0) + 1
+                assert {r: n for r, n in sch.steps_per_role(end, start).items() if n} == walked, (start, end)
     m = Recorder({"student": "full", "critic": "full"}, schedule=phases((2, [["critic"]]), (None, [["critic", "student"]])))
     assert max_steps({"run": {"iterations": 5}}, m) == 2 + 2 * 3
     trainer = fit(m, 5)
