@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from common.serialization import CheckpointError, read
 from common.teachers.embedded import load_teacher
 
 
@@ -41,10 +42,19 @@ def load_generator(spec: str) -> Generator:
         from common.config import build_module
 
         cfg = OmegaConf.to_container(OmegaConf.load(cfg_file))
+        state = read(path)
+        if "state_dict" not in state:
+            raise CheckpointError(f"{path}: not a run checkpoint (it has no state_dict)")
+        wrote = state.get("run_config", {}).get("module", {}).get("target")
+        if wrote and wrote != cfg["module"]["target"]:
+            raise CheckpointError(f"{path} was written by {wrote}, but the run config beside it ({cfg_file}) "
+                                  f"builds {cfg['module']['target']}")
         module = build_module(cfg)
-        state = torch.load(path, map_location="cpu", weights_only=False)
         module.check_frozen_sources(state)  # the teacher it was trained with, by hash
-        module.load_state_dict(state["state_dict"])  # strict, apart from frozen roles identified by file
+        try:
+            module.load_state_dict(state["state_dict"])  # strict, apart from frozen roles identified by file
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: {str(e).splitlines()[0]}") from None
         den = module.generator_denoiser().eval().requires_grad_(False)
         return Generator(den, getattr(module, "sampler", "euler"), str(path), getattr(module, "sampler", "euler") != "multistep")
     return Generator(load_teacher(str(path)), "euler", str(path), True)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -37,7 +38,9 @@ class RunConfig:
     dir: str = ""  # default: runs/<config stem>
     seed: int = 0
     iterations: int = 0  # the run's length; trainer.max_steps (optimizer steps) is derived from it
-    resume: str = "auto"  # "auto": last checkpoint of dir if any; "never"; or a checkpoint path
+    resume: str = "auto"  # "auto": the newest readable checkpoint of dir if any; "never"; or a checkpoint path
+    overwrite: bool = False  # a fresh start into a dir holding a run moves that run aside to <dir>.previous-<n>
+    resume_changes: typing.Literal["refuse", "allow"] = "refuse"  # config changes on resume (common/runs.py)
     ckpt_every: int = 500  # iterations between periodic checkpoints
     wandb: bool = False  # offline mode; sync later with `wandb sync`
     export: str = ""  # recipes: weights file written at the end (relative paths: inside run.dir)
@@ -131,7 +134,19 @@ def _yaml11_float(value, ann):
 
 
 def _type_name(ann) -> str:
+    if typing.get_origin(ann) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(ann))
+    if ann is type(None):
+        return "None"
     return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
+def _wrong(key: str, v, ann) -> str:
+    if typing.get_origin(ann) is typing.Literal:  # a choice: name the value, not its type
+        return f"config key '{key}' is {v!r}; expected {_type_name(ann)}"
+    return f"config key '{key}' has type {type(v).__name__}, expected {_type_name(ann)} (got {v!r})"
 
 
 def _check_kwargs(section: str, values: dict, params: dict, owner: str) -> dict:
@@ -142,8 +157,7 @@ def _check_kwargs(section: str, values: dict, params: dict, owner: str) -> dict:
         ann = params[k][0]
         v = _yaml11_float(v, ann)
         if not _type_ok(v, ann):
-            raise ConfigError(f"config key '{section}.{k}' has type {type(v).__name__}, "
-                              f"expected {_type_name(ann)} (got {v!r})")
+            raise ConfigError(_wrong(f"{section}.{k}", v, ann))
         out[k] = v
     for k, (_, default) in params.items():
         if k not in out:
@@ -245,6 +259,11 @@ def validate(cfg: dict) -> dict:
     for required in ("module", "data"):
         if required not in cfg:
             raise ConfigError(f"config needs a '{required}' section")
+    for name in ("module", "data", "roles", "validation", "trainer", "run", "slurm"):
+        if cfg.get(name) is not None and not isinstance(cfg[name], dict):
+            raise ConfigError(f"config section '{name}' must be a mapping of keys, got {cfg[name]!r}")
+    if cfg.get("schedule") is not None and not isinstance(cfg["schedule"], list):
+        raise ConfigError(f"config section 'schedule' must be a list of phases, got {cfg['schedule']!r}")
     run = check_dataclass("run", dict(cfg.get("run") or {}), RunConfig)
     module, data = (_seeded(dict(cfg[s] or {}), run["seed"]) for s in ("module", "data"))
     out = {
@@ -265,10 +284,17 @@ def validate(cfg: dict) -> dict:
         if k not in tp:
             raise ConfigError(f"unknown config key 'trainer.{k}' (not an argument of lightning.Trainer "
                               f"or set by the launcher)")
+        v = trainer[k] = _yaml11_float(v, tp[k][0])
+        if not _type_ok(v, tp[k][0]):
+            raise ConfigError(_wrong(f"trainer.{k}", v, tp[k][0]))
     out["trainer"] = trainer
     if out["run"]["iterations"] < 1:
         raise ConfigError(f"config key 'run.iterations' must be a positive number of iterations, "
                           f"got {out['run']['iterations']}")
+    for key, low in (("batch_size", 1), ("num_workers", 0)):  # every data module's, where it has one
+        v = out["data"].get(key)
+        if isinstance(v, int) and v < low:
+            raise ConfigError(f"config key 'data.{key}' must be at least {low}, got {v}")
     if out["run"]["ckpt_every"] < 1:
         raise ConfigError(f"config key 'run.ckpt_every' must be positive, got {out['run']['ckpt_every']}")
     return out
@@ -313,18 +339,41 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    cfg = OmegaConf.load(path)
+    cfg = _load_yaml(path)
     base = cfg.pop("base", None) if "base" in cfg else None
     if base:  # a thin overlay on another config, relative to this file
-        cfg = OmegaConf.merge(OmegaConf.load(path.parent / base), cfg)
+        cfg = OmegaConf.merge(_load_yaml(path.parent / base), cfg)
     cfg = apply_overrides(cfg, overrides or [])
-    resolved = validate(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    resolved = validate(plain)
     if not resolved["run"]["dir"]:  # runs/<project>/<config stem>
         parts = path.resolve().parts
         project = parts[len(parts) - 1 - parts[::-1].index("projects") + 1] if "projects" in parts[:-1] \
             else path.parent.name
         resolved["run"]["dir"] = str(Path("runs") / project / path.stem)
     return resolved
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    """A YAML mapping; a syntax error is one line naming the file, line and column."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as e:
+        m = e.problem_mark
+        where = f"{path}:{m.line + 1}:{m.column + 1}" if m is not None else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise ConfigError(f"{path}: cannot read the config: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: a config is a mapping of sections, not a {type(cfg).__name__}")
+    return cfg
 
 
 def to_yaml(cfg: dict) -> str:

@@ -12,6 +12,26 @@ from common.sampling import generate
 from common.teachers.denoiser import Guided
 
 
+MIN_SAMPLES = 10  # one per class of the balanced labels, and more than the k of precision / recall
+
+
+def check_request(steps: list[int] | None, num_samples: int | None, dataset: str | None = None,
+                  minimum: int = MIN_SAMPLES) -> str | None:
+    """Validate sampling arguments (a ValueError naming the bad one); return a note when the sample
+    count differs from the protocol's, whose floor and recorded figures hold only at its own count."""
+    for n in steps or []:
+        if n < 1:
+            raise ValueError(f"--steps must be at least 1, got {n}")
+    p = evaluator.protocol_for(dataset or "mnist")  # names the protocols when the data set is unknown
+    if num_samples is not None and num_samples < minimum:
+        raise ValueError(f"--num-samples must be at least {minimum}, got {num_samples}")
+    if num_samples is not None and num_samples != p["num_samples"]:
+        return (f"note: {num_samples} samples, not the protocol's {p['num_samples']}: FD and precision/recall "
+                f"are biased by the sample count, so these figures are not comparable with the floor or with "
+                f"recorded results")
+    return None
+
+
 def guided(gen: Generator, guidance: float | None, mode: str = "standard"):
     """The generator with CFG applied (``guidance=None``: none)."""
     if guidance is None:

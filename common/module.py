@@ -133,6 +133,17 @@ class DistillationModule(L.LightningModule):
             opts.append(opt)
         return opts, scheds
 
+    def on_train_start(self):
+        """Apply the roles config to the optimizers. On a fresh start this changes nothing; on a resume
+        Lightning has restored the saved optimizer settings, and a change the user allowed
+        (``run.resume_changes=allow``, common/runs.py) must take effect rather than be silently kept."""
+        for name in self.trainable_roles():
+            c, opt, sched = self.roles[name].config, self._optimizer(name), self._scheduler(name)
+            sched.base_lrs = [c.lr] * len(opt.param_groups)
+            for g, lam in zip(opt.param_groups, sched.lr_lambdas):
+                g.update(initial_lr=c.lr, lr=c.lr * lam(sched.last_epoch), betas=tuple(c.betas), eps=c.eps,
+                         weight_decay=c.weight_decay)
+
     def _optimizer(self, name: str):
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
@@ -176,6 +187,7 @@ class DistillationModule(L.LightningModule):
             raise TypeError(f"{type(self).__name__}.loss_{name} must return a RoleStep(loss, logs, outputs)")
         loss, logs = step.loss, dict(step.logs)
         finite = self._all_ranks(bool(torch.isfinite(loss).all()))
+        logs[f"{name}/grad_norm"] = loss.detach().new_tensor(float("nan"))  # a skipped step has none
         if finite:
             self.manual_backward(loss)
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]

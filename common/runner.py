@@ -14,16 +14,22 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from common.config import ConfigError, build_module, instantiate, to_yaml
+from common import runs
+from common.config import ConfigError, build_module, instantiate
 from common.module import DistillationModule
 from common.requeue import RequeueOnSignal
+from common.serialization import read
 from common.validation import Validation, ValidationConfig
 
 log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to ``<path>.tmp`` then rename, so a kill mid-save leaves the previous file intact."""
+    """Write to ``<path>.tmp`` then rename, so a kill mid-save leaves the previous file intact; read
+    with ``weights_only=True`` (common/serialization.py), whatever the caller asks."""
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return read(path)
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
@@ -76,16 +82,47 @@ class IterationProgressBar(TQDMProgressBar):
         return min(self.trainer.num_training_batches, self.iterations - done)
 
 
+def _validates_after_this_batch(trainer) -> bool:
+    """Whether Lightning runs the validation loop once the current training batch ends (asked of the
+    loop itself, so every validation setting counts the same way it does)."""
+    loop = trainer.fit_loop.epoch_loop
+    if not trainer.enable_validation or not hasattr(loop, "_should_check_val_fx"):
+        return False
+    return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+
+
 class IterationCheckpoint(ModelCheckpoint):
-    """Periodic checkpoints every ``every`` iterations (not optimizer steps), plus ``last``."""
+    """Periodic checkpoints every ``every`` iterations (not optimizer steps, whose count per iteration
+    can change between phases), named by iteration (``it0000500.ckpt``) and all kept, plus ``last``.
+    When a validation follows the iteration, the checkpoint is written after it: a kill during the
+    validation then resumes before it and measures again, instead of skipping it."""
 
     def __init__(self, every: int, **kw):
         super().__init__(every_n_train_steps=0, **kw)
         self.every = every
 
+    def _monitor_candidates(self, trainer):
+        import torch
+
+        out = super()._monitor_candidates(trainer)
+        out["iteration"] = torch.tensor(iterations_done(trainer, trainer.lightning_module))
+        return out
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if iterations_done(trainer, module) % self.every or self._should_skip_saving_checkpoint(trainer):
             return
+        if _validates_after_this_batch(trainer):  # checkpoint after it, or a kill during it loses it
+            self._deferred = True
+            return
+        self._save(trainer)
+
+    def on_validation_end(self, trainer, module):
+        super().on_validation_end(trainer, module)
+        if getattr(self, "_deferred", False):
+            self._deferred = False
+            self._save(trainer)
+
+    def _save(self, trainer):
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
@@ -99,6 +136,16 @@ class RunLength(Callback):
     def __init__(self, cfg: dict):
         self.iterations = cfg["run"]["iterations"]
         self.global_batch = cfg["data"].get("batch_size")
+        self._counted = False
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        # The log step of an iteration is the number of iterations before it. How Lightning restores its
+        # own counter depends on where in its loop the checkpoint was written (after a validation, see
+        # IterationCheckpoint, it can be off); set it from what the run has done, once its loop has
+        # restarted, so metrics.csv continues exactly where the checkpoint stands.
+        if not self._counted:
+            trainer.fit_loop.epoch_loop._batches_that_stepped = iterations_done(trainer, module)
+            self._counted = True
 
     def on_fit_start(self, trainer, module):
         world = trainer.world_size
@@ -155,45 +202,42 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
 
-def checkpoint_log_step(path: str) -> int:
-    """The first logging step a resumed run writes. A checkpoint taken at the end of a batch stores
-    ``_batches_that_stepped`` before that batch's increment, so the resumed run logs from one past it."""
-    import torch
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return int(ckpt["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]) + 1
+def checkpoint_log_step(ckpt: dict) -> int:
+    """The first logging step a resumed run writes: the iterations its checkpoint records (the log
+    step of iteration ``i`` is ``i``, see :meth:`RunLength.on_train_start`)."""
+    return runs.progress_of(ckpt)[0]
 
 
-def resume_path(cfg: dict) -> str | None:
-    run_dir = Path(cfg["run"]["dir"])
-    resume = cfg["run"]["resume"]
-    if resume == "never":
-        return None
-    if resume == "auto":  # the newest of last.ckpt and SLURM's requeue checkpoints (hpc_ckpt_<n>.ckpt)
-        found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
-    if not Path(resume).is_file():
-        raise ConfigError(f"run.resume: checkpoint not found: {resume}")
-    return resume
+class RunRecord(Callback):
+    """Stores the resolved run config in every checkpoint, so a resume can tell what wrote it."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+
+    def on_save_checkpoint(self, trainer, module, checkpoint):
+        checkpoint["run_config"] = self.cfg
 
 
 def build(cfg: dict):
     """Return (trainer, module, datamodule, ckpt_path) for a resolved config; writes config.yaml."""
     run_dir = Path(cfg["run"]["dir"])
+    ckpt, state = runs.prepare(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = resume_path(cfg)
     L.seed_everything(cfg["run"]["seed"], workers=True, verbose=False)
     module = build_module(cfg)
+    changes = runs.check_resume(cfg, ckpt, state, module) if ckpt else None
     datamodule = instantiate(cfg["data"])
-    loggers = [RunCSVLogger(str(run_dir), checkpoint_log_step(ckpt) if ckpt else None)]
+    loggers = [RunCSVLogger(str(run_dir), checkpoint_log_step(state) if ckpt else None)]
     if cfg["run"]["wandb"]:
         os.environ.setdefault("WANDB_MODE", "offline")
         loggers.append(WandbLogger(save_dir=str(run_dir), offline=True, project="fewstep"))
     trainer_kwargs = dict(cfg["trainer"], max_steps=max_steps(cfg, module))
     callbacks = [
-        IterationCheckpoint(cfg["run"]["ckpt_every"], dirpath=str(run_dir / "checkpoints"), filename="step{step:07d}",
-                            auto_insert_metric_name=False, save_last=True, save_top_k=1),
+        IterationCheckpoint(cfg["run"]["ckpt_every"], dirpath=str(run_dir / "checkpoints"), filename="it{iteration:07d}",
+                            auto_insert_metric_name=False, save_last=True, save_top_k=-1,  # all kept
+                            enable_version_counter=False),  # "last" is one file, never last-v1
         RunLength(cfg),
+        RunRecord(cfg),
     ]
     if isinstance(module, DistillationModule):
         callbacks.append(Validation(ValidationConfig(**cfg["validation"]), str(run_dir)))
@@ -211,5 +255,5 @@ def build(cfg: dict):
     trainer = L.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks, plugins=plugins,
                         **trainer_kwargs)
     if trainer.global_rank == 0:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    return trainer, module, datamodule, ckpt
+        runs.record_config(cfg, changes, runs.progress_of(state)[0] if state else 0)
+    return trainer, module, datamodule, str(ckpt) if ckpt else None

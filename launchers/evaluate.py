@@ -1,7 +1,7 @@
-"""Measure quality under the pinned protocol (common/metrics/protocol.yaml) and write results.json.
+"""Measure quality under the pinned protocol (common/metrics/protocol.yaml) and write the figures as JSON.
 
   python launchers/evaluate.py teacher:mnist --steps 1 4 16 --out runs/eval/results.json
-  python launchers/evaluate.py runs/swiftbrush/config/checkpoints/last.ckpt --steps 1
+  python launchers/evaluate.py runs/swiftbrush/config/checkpoints/last.ckpt --steps 1   (-> runs/swiftbrush/config/eval/last-steps1-n1000-nocfg.json)
   python launchers/evaluate.py --samples runs/x/samples.npz          (images and labels in an .npz)
   python launchers/evaluate.py --build-reference                     (after retraining the classifier)
 
@@ -23,8 +23,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common.checkpoints import load_generator  # noqa: E402
-from common.evaluation import default_guidance, measure  # noqa: E402
+from common.evaluation import check_request, default_guidance, measure  # noqa: E402
 from common.metrics import evaluator  # noqa: E402
+
+
+def default_out(checkpoint: str, steps: list[int], num_samples: int, guidance: float | None) -> Path:
+    """``<run>/eval/<checkpoint>-steps1-4-n1000-cfg1.5.json``: a name that carries the settings, beside
+    the run's own results.json (never over it); teachers under runs/eval/."""
+    cfg = "nocfg" if guidance is None else f"cfg{guidance:g}"
+    if checkpoint.startswith("teacher:"):
+        where, stem = Path("runs/eval"), checkpoint.replace(":", "_")
+    else:
+        ck = Path(checkpoint)
+        where, stem = (ck.parent.parent if ck.suffix == ".ckpt" else ck.parent) / "eval", ck.stem
+    return where / f"{stem}-steps{'-'.join(map(str, steps))}-n{num_samples}-{cfg}.json"
 
 
 def main(argv=None) -> int:
@@ -39,7 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset", default="mnist", help="for 2-D toys: 8gaussians or checkerboard")
     ap.add_argument("--samples", help="evaluate an .npz with 'images' (N,1,32,32 in [-1,1]) and 'labels'")
     ap.add_argument("--build-reference", action="store_true")
-    ap.add_argument("--out", default=None, help="results.json path (default: beside the checkpoint or samples)")
+    ap.add_argument("--out", default=None, help="results path (default: <run>/eval/<checkpoint>-<settings>.json; "
+                                                "a run's own results.json is never overwritten)")
     args = ap.parse_args(argv)
 
     try:
@@ -49,14 +62,19 @@ def main(argv=None) -> int:
         if args.samples:
             if not Path(args.samples).is_file():
                 raise FileNotFoundError(f"samples file not found: {args.samples}")
+            if args.num_samples is not None or args.steps:
+                raise ValueError("--num-samples and --steps apply to a checkpoint, not to --samples")
             d = np.load(args.samples)
             res = evaluator.evaluate_images(torch.from_numpy(d["images"]).float(),
                                             torch.from_numpy(d["labels"]) if "labels" in d else None)
             results = {"source": args.samples, "results": [res]}
-            out = Path(args.out or Path(args.samples).with_name("results.json"))
+            out = Path(args.out or Path(args.samples).with_suffix(".results.json"))
         else:
             if not args.checkpoint:
                 ap.error("give a checkpoint, --samples or --build-reference")
+            note = check_request(args.steps, args.num_samples, args.dataset)
+            if note:
+                print(note, file=sys.stderr)
             gen = load_generator(args.checkpoint)
             p = evaluator.protocol("mnist")
             if args.no_guidance:
@@ -74,9 +92,8 @@ def main(argv=None) -> int:
                 rows.append(r)
                 print(json.dumps(r))
             results = {"source": args.checkpoint, "guidance_mode": mode, "results": rows}
-            default = Path("runs/eval") / "results.json" if args.checkpoint.startswith("teacher:") \
-                else Path(args.checkpoint).parent.parent / "results.json"
-            out = Path(args.out or default)
+            out = Path(args.out) if args.out else default_out(args.checkpoint, steps, args.num_samples or
+                                                              p["num_samples"], guidance)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

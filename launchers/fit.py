@@ -34,7 +34,7 @@ def main(argv=None) -> int:
 
     try:
         trainer, module, datamodule, ckpt = runner.build(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)

@@ -16,7 +16,7 @@ bootstrap()
 import numpy as np  # noqa: E402
 
 from common.checkpoints import load_generator  # noqa: E402
-from common.evaluation import default_guidance, draw, is_image_model  # noqa: E402
+from common.evaluation import check_request, default_guidance, draw, is_image_model  # noqa: E402
 from common.images import save_grid, save_scatter  # noqa: E402
 
 
@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/samples/samples", help="output path without extension")
     args = ap.parse_args(argv)
     try:
+        check_request([args.steps], args.num_samples, minimum=1)
         gen = load_generator(args.checkpoint)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -250,7 +250,7 @@ def test_checkpoint_holds_trainable_and_produced_roles_and_identifies_file_roles
     trainer = fit(m, 2, tmp_path)
     path = tmp_path / "x.ckpt"
     trainer.save_checkpoint(path)
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=True)
     keys = set(ck["state_dict"])
     assert any(k.startswith("nets.student.") for k in keys) and any(k.startswith("ema.") for k in keys)
     assert any("lora_" in k for k in keys)

@@ -38,8 +38,8 @@ def test_stopped_and_resumed_run_logs_the_same_losses(project, tmp_path, tiny_te
     assert sorted(a) == sorted(b) and len(a) >= 8
     for key in a:
         assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), key
-    ea = torch.load(full / "checkpoints" / "last.ckpt", weights_only=False)
-    eb = torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)
+    ea = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)
+    eb = torch.load(part / "checkpoints" / "last.ckpt", weights_only=True)
     assert ea["distill"]["iteration"] == eb["distill"]["iteration"] == END
     for k in ea["state_dict"]:
         if k.startswith("ema."):

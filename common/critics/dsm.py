@@ -7,12 +7,15 @@ rCM (x0, 1/sin^2 t), Uni-Instruct (x0, EDM (sigma^2 + sigma_d^2)/(sigma sigma_d)
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
 from common import noise
 
-WEIGHTINGS = ("uniform", "alpha_bar", "inv_sin2", "edm")
+DSMWeighting = Literal["uniform", "alpha_bar", "inv_sin2", "edm"]
+WEIGHTINGS = get_args(DSMWeighting)
 
 
 def dsm_weight(kind: str, level: noise.NoiseLevel, sigma_d: float = 0.5) -> Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.data import embedded
+from common.data.embedded import DatasetName, Split
 from common.rng import DATA_ORDER, keyed_generator
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,8 @@ class EmbeddedDataModule(L.LightningDataModule):
     ``batch_size`` is the global batch; it must divide by the world size.
     """
 
-    def __init__(self, name: str = "mnist", batch_size: int = 64, num_workers: int = 0, seed: int = 0,
-                 split: str = "train", val_split: str | None = None, root: str | None = None):
+    def __init__(self, name: DatasetName = "mnist", batch_size: int = 64, num_workers: int = 0, seed: int = 0,
+                 split: Split = "train", val_split: Split | None = None, root: str | None = None):
         super().__init__()
         self.name, self.batch_size, self.num_workers = name, batch_size, num_workers
         self.seed, self.split, self.val_split, self.root = seed, split, val_split, root

@@ -83,21 +83,33 @@ def _iter_members(path: str, stats: dict):
                 yield m.name, data
     except (tarfile.TarError, EOFError, OSError) as e:
         stats["corrupt_shards"] += 1
-        log.warning("shard %s cannot be opened (%s); skipped", path, e)
+        log.warning("shard %s cannot be opened (%s); skipped", path, str(e).splitlines()[0].rstrip(":"))
 
 
-def read_shards(paths: list[str], fields: dict[str, str]) -> tuple[dict[str, np.ndarray], dict]:
+def read_shards(paths: list[str], fields: dict[str, str], checks: dict | None = None
+                ) -> tuple[dict[str, np.ndarray], dict]:
     """Decode every sample of ``paths`` into stacked arrays.
 
-    ``fields`` maps an output name to a member extension, e.g. ``{"image": "png", "label": "cls"}``.
+    ``fields`` maps an output name to a member extension, e.g. ``{"image": "png", "label": "cls"}``;
+    ``checks`` maps an output name to a function of a decoded value that returns what is wrong with
+    it (or None), e.g. a label outside the set's classes. A sample that fails to decode, fails a
+    check, or has another shape than most samples of its field is skipped with a warning naming its
+    shard and key, and counted.
     Returns the arrays (sorted by shard, then order in shard) and counters
     ``{"samples", "corrupt_samples", "corrupt_shards", "members"}``.
     """
     if not paths:
         raise FileNotFoundError("no shard files given")
     stats = defaultdict(int)
+    checks = checks or {}
     out: dict[str, list] = {k: [] for k in fields}
     keys: list[str] = []
+    where: list[str] = []
+
+    def skip(path, key, why):
+        stats["corrupt_samples"] += 1
+        log.warning("shard %s: sample %r is corrupt (%s); skipped", path, key, why)
+
     for path in paths:
         groups: dict[str, dict[str, bytes]] = {}
         for name, data in _iter_members(path, stats):
@@ -107,13 +119,28 @@ def read_shards(paths: list[str], fields: dict[str, str]) -> tuple[dict[str, np.
             try:
                 decoded = {k: DECODERS[ext](members[ext]) for k, ext in fields.items()}
             except Exception as e:  # noqa: BLE001 - any decode failure means a corrupt sample
-                stats["corrupt_samples"] += 1
-                log.warning("shard %s: sample %r is corrupt (%s: %s); skipped",
-                            path, key, type(e).__name__, e)
+                skip(path, key, f"{type(e).__name__}: {e}")
+                continue
+            wrong = next((f"{k}: {msg}" for k, fn in checks.items() if (msg := fn(decoded[k]))), None)
+            if wrong:
+                skip(path, key, wrong)
                 continue
             for k, v in decoded.items():
                 out[k].append(v)
             keys.append(key)
+            where.append(path)
+    keep = np.ones(len(keys), dtype=bool)
+    for k, values in out.items():  # one shape per field: the most common one; others are corrupt
+        shapes = [np.shape(v) for v in values]
+        if len(set(shapes)) > 1:
+            common = max(set(shapes), key=shapes.count)
+            for i, s in enumerate(shapes):
+                if s != common and keep[i]:
+                    keep[i] = False
+                    skip(where[i], keys[i], f"{k} has shape {s}, the set's samples {common}")
+    if not keep.all():
+        out = {k: [v for v, ok in zip(vs, keep) if ok] for k, vs in out.items()}
+        keys = [k for k, ok in zip(keys, keep) if ok]
     stats["samples"] = len(keys)
     if not keys:
         raise NoReadableData(f"no readable sample in {len(paths)} shard(s): {paths[0]} ...")

@@ -8,6 +8,7 @@ stays inside the wrapper, so methods never see it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +69,8 @@ class Denoiser(nn.Module):
         return Prediction(*noise.to_x0_eps(self.prediction, self(x, t, cond), x, self.level(t)))
 
 
-CFG_MODES = ("standard", "offset")
+CFGMode = Literal["standard", "offset"]
+CFG_MODES = get_args(CFGMode)
 
 
 def cfg_combine(cond_pred: Tensor, uncond_pred: Tensor, scale: float, mode: str) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from common import noise
+from common.serialization import read
 from common.teachers.denoiser import Denoiser
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -47,7 +48,7 @@ def load_weights(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read(path)
     for key in ("net", "state_dict"):
         if key not in ckpt:
             raise ValueError(f"{path} is not a weights file: it has no {key!r} entry")
@@ -62,6 +63,9 @@ def load_teacher(name_or_path: str = "mnist", frozen: bool = True) -> Denoiser:
 
         return load_diffusers_teacher(name_or_path, frozen=frozen)
     path = EMBEDDED.get(name_or_path, Path(name_or_path))
+    if not path.is_file() and os.sep not in name_or_path and not path.suffix:
+        raise FileNotFoundError(f"no embedded teacher {name_or_path!r} (embedded: {', '.join(EMBEDDED)}) "
+                                f"and no weights file of that name")
     ckpt = load_weights(path)
     net = build_net(ckpt["net"])
     net.load_state_dict(ckpt["state_dict"])

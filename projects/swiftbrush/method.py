@@ -12,29 +12,29 @@ VSD weight is ``b^2 = s^2`` and the VP timestep range [20, 980] maps to ``s in [
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from common import noise
 from common.config import ConfigError
+from common.critics.dsm import DSMWeighting
 from common.critics.lora import adapters_disabled
 from common.one_step import OneStepDistillation
 from common.rng import Purpose
 from common.roles import RoleStep
-from common.teachers.denoiser import Guided
+from common.teachers.denoiser import CFGMode, Guided
 from common.teachers.hub import load_null_embedding
 from projects.swiftbrush.losses import fake_score_loss, vsd_generator_loss
 
 
 class SwiftBrush(OneStepDistillation):
-    def __init__(self, teacher: str = "mnist", guidance: float = 2.0, guidance_mode: str = "standard",
-                 objective: str = "vsd", fake_cfg: str = "none", fake_loss_weight: str = "uniform",
+    def __init__(self, teacher: str = "mnist", guidance: float = 2.0, guidance_mode: CFGMode = "standard",
+                 objective: Literal["vsd", "sds"] = "vsd", fake_cfg: Literal["none", "same_as_teacher"] = "none",
+                 fake_loss_weight: DSMWeighting = "uniform",
                  s_min: float = 0.02, s_max: float = 0.98, label_dropout: float = 0.1,
                  student_time: float | None = None, null_embedding: str | None = None, **base):
         super().__init__(**base)
-        if objective not in ("vsd", "sds"):
-            raise ValueError(f"objective must be 'vsd' or 'sds', got {objective!r}")
-        if fake_cfg not in ("none", "same_as_teacher"):
-            raise ValueError(f"fake_cfg must be 'none' or 'same_as_teacher', got {fake_cfg!r}")
         self.save_hyperparameters()
         sds = objective == "sds"  # SDS: the injected noise stands in for the fake score; no critic role
         if sds and self._schedule is not None and "critic" in self._schedule.roles():

@@ -6,6 +6,8 @@ of ``x_g`` (the gradient flows through ``x_t``, not into the networks' weights).
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,6 +21,8 @@ def _zeros(r):
     return torch.zeros_like(r)
 
 
+Preset = Literal["rkl", "fkl", "jeffrey", "js", "chi2", "di"]  # the keys of PRESETS (checked at import)
+
 # preset -> (a_f, b_f); a_f = psi_f(r) = r^2 f''(r), b_f = r^2 psi_f''(r) (section 4 table)
 PRESETS = {
     "rkl": (_ones, _zeros),  # f = -log r: SiD (alpha = 1)
@@ -28,6 +32,9 @@ PRESETS = {
     "chi2": (lambda r: 2 * r**2, lambda r: 4 * r**2),  # unverified against Theorem 3.2
     "di": (_zeros, _ones),  # Diff-Instruct / DMD, r = 1 and N_delta = 1
 }
+
+
+assert set(get_args(Preset)) == set(PRESETS)
 
 
 def per_sample(x: Tensor) -> Tensor:

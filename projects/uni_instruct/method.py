@@ -16,6 +16,7 @@ only), ``sid`` (plain SiD: ``rkl``, no GAN), then ``main`` (the selected preset 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
@@ -24,8 +25,8 @@ from common.one_step import OneStepDistillation
 from common.rng import Purpose
 from common.roles import RoleStep
 from common.teachers.adapters import ConventionAdapter
-from common.teachers.denoiser import Guided
-from projects.uni_instruct.losses import (critic_loss, density_ratio, dmd_normaliser, generator_gan_loss,
+from common.teachers.denoiser import CFGMode, Guided
+from projects.uni_instruct.losses import (Preset, critic_loss, density_ratio, dmd_normaliser, generator_gan_loss,
                                           generator_loss)
 
 LATE_PHASE = "main"  # the schedule phase in which the selected preset and the GAN term apply
@@ -38,12 +39,13 @@ def edm_weight(sigma, sigma_d):
 class UniInstruct(OneStepDistillation):
     critic_inits = ("copy",)  # the fake score is also the discriminator: a full copy (spec pitfall 8)
 
-    def __init__(self, teacher: str = "mnist", preset: str = "fkl", density_ratio: str = "logit_exp",
-                 ratio_selfnorm: bool = False, di_norm: str = "per_sample", alpha: float = 1.0,
+    def __init__(self, teacher: str = "mnist", preset: Preset = "fkl",
+                 density_ratio: Literal["logit_exp", "code_bce"] = "logit_exp", ratio_selfnorm: bool = False,
+                 di_norm: Literal["per_sample", "batch", "none"] = "per_sample", alpha: float = 1.0,
                  sigma_init: float = 2.5, sigma_d: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, t_max: float = 0.8,
                  gan: bool = True, gan_weight: float = 0.01, g_scale: float = 100.0, feature_block: str = "block3",
-                 guidance: float = 1.0, guidance_mode: str = "standard", **base):
+                 guidance: float = 1.0, guidance_mode: CFGMode = "standard", **base):
         super().__init__(**base)
         self.save_hyperparameters()
         t = self.add_teacher_roles(teacher)
