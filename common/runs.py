@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,12 @@ RUN_FILES = ("config.yaml", "metrics.csv", "results.json", "checkpoints", "sampl
 RESUMABLE = ("run.iterations", "run.dir", "run.resume", "run.resume_changes", "run.overwrite", "run.wandb",
              "run.notes", "run.export", "run.ckpt_every", "trainer.log_every_n_steps",
              "trainer.enable_progress_bar", "trainer.val_check_interval", "validation.", "slurm.")
+
+
+def is_rank_zero() -> bool:
+    """Before any process group exists: whether this process is the job's first (srun, torchrun and
+    Lightning's own launcher set these variables for the others)."""
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def holds_run(run_dir: Path) -> list[str]:
@@ -173,6 +180,8 @@ def prepare(cfg: dict) -> tuple[Path | None, dict | None]:
     found = newest_readable(run_dir) if resume == "auto" and run_dir.is_dir() else None
     if found:
         return found
+    if not is_rank_zero():  # other ranks start with rank 0, after it has checked (and may have written) run.dir
+        return None, None
     existing = holds_run(run_dir) if run_dir.is_dir() else []
     if existing and resume == "auto" and _same_run_without_checkpoint(cfg, run_dir, existing):
         print(f"run.dir {run_dir} holds this run, stopped before its first checkpoint: starting it again",

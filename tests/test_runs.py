@@ -65,8 +65,10 @@ def copy_run(src: Path, dest: Path) -> Path:
 
 
 def test_resume_refuses_another_target_teacher_or_changed_setting(sb_run, tiny_teacher, tmp_path, capsys):
-    """``fit.py projects/uni_instruct/config.yaml run.dir=<a SwiftBrush run>`` and the like: refused,
-    nothing in the run changes; ``run.resume_changes=allow`` applies a change and keeps both configs."""
+    """F5 case 1: ``python launchers/fit.py projects/uni_instruct/config.yaml run.dir=<a SwiftBrush
+    run>``, the same with another teacher, and ``python launchers/fit.py projects/swiftbrush/config.yaml
+    run.dir=<that run> roles.critic.lr=0.001``: refused, nothing in the run changes;
+    ``run.resume_changes=allow`` applies the change (the optimizer's lr too) and keeps both configs."""
     d = copy_run(sb_run, tmp_path / "run")
     before = files(d)
     err = fit_error([UNI, f"module.teacher={tiny_teacher}", f"run.dir={d}", *QUIET, "run.iterations=3"], capsys)
@@ -113,9 +115,9 @@ def test_resume_refuses_another_role_set():
 
 
 def test_fresh_start_into_a_run_is_refused_unless_overwrite_moves_it_aside(sb_run, tiny_teacher, tmp_path, capsys):
-    """``fit.py ... run.resume=never`` into a finished run: refused; with ``run.overwrite=true`` the old
-    run is moved aside whole, the new one has no ``-v1`` files, and the next default run resumes the new
-    one (its metrics.csv holds one history)."""
+    """F5 case 2: ``python launchers/fit.py projects/swiftbrush/config.yaml run.dir=<a finished run>
+    run.resume=never``: refused; with ``run.overwrite=true`` the old run is moved aside whole, the new
+    one has no ``-v1`` files, and the next default run resumes the new one (one history in metrics.csv)."""
     d = copy_run(sb_run, tmp_path / "run")
     before = files(d)
     err = fit_error(sb(tiny_teacher, d, "run.iterations=3", "run.resume=never"), capsys)
@@ -151,8 +153,9 @@ def test_moved_run_resumes_from_its_own_newest_checkpoint(sb_run, tiny_teacher, 
 
 
 def test_periodic_checkpoints_fall_on_iterations_when_steps_per_iteration_change(tiny_teacher, tmp_path):
-    """F5 case 3: ``schedule.0.until=1 ... run.ckpt_every=2`` (one optimizer step in the first
-    iteration, two after it, so the step count is odd for ever) stopped after 11 iterations."""
+    """F5 case 3: ``python launchers/fit.py projects/uni_instruct/config.yaml schedule.0.until=1
+    run.ckpt_every=2 run.iterations=11`` (one optimizer step in the first iteration, two after it, so
+    the step count is odd for ever): a checkpoint at iteration 10."""
     d = tmp_path / "r"
     fit_ok([UNI, f"module.teacher={tiny_teacher}", f"run.dir={d}", *QUIET, "schedule.0.until=1",
             "schedule.1.until=3", "run.ckpt_every=2", "run.iterations=11"])
@@ -161,8 +164,9 @@ def test_periodic_checkpoints_fall_on_iterations_when_steps_per_iteration_change
 
 
 def test_unreadable_newest_checkpoint_falls_back_and_says_so(sb_run, tiny_teacher, tmp_path, capsys):
-    """A truncated ``last.ckpt`` beside an intact periodic one: the resume names both and goes on from
-    the intact one; with nothing readable, one error naming every file."""
+    """F5 case 6: ``python launchers/fit.py projects/swiftbrush/config.yaml run.dir=<run>`` with a
+    truncated ``last.ckpt`` beside an intact periodic one: the resume names both and goes on from the
+    intact one; with nothing readable, one error naming every file."""
     d = copy_run(sb_run, tmp_path / "run")
     last = d / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:5000])
@@ -179,8 +183,9 @@ def test_unreadable_newest_checkpoint_falls_back_and_says_so(sb_run, tiny_teache
 
 
 def test_sample_and_evaluate_refuse_junk_and_mismatched_checkpoints(sb_run, tiny_teacher, tmp_path, capsys):
-    """F5 case 4: a checkpoint holding only ``junk.weight``, and a Uni-Instruct checkpoint beside a
-    SwiftBrush ``config.yaml``, give a short error from sample.py and evaluate.py."""
+    """F5 case 4: ``python launchers/sample.py <run>/checkpoints/junk.ckpt`` (a state dict of only
+    ``junk.weight``) and ``python launchers/evaluate.py <SwiftBrush run>/checkpoints/uni.ckpt`` (a
+    Uni-Instruct checkpoint beside a SwiftBrush config.yaml): a short error from both launchers."""
     d = copy_run(sb_run, tmp_path / "run")
     junk = d / "checkpoints" / "junk.ckpt"
     torch.save({"state_dict": {"junk.weight": torch.zeros(1)}}, junk)
@@ -200,8 +205,8 @@ def test_sample_and_evaluate_refuse_junk_and_mismatched_checkpoints(sb_run, tiny
 
 
 def test_evaluate_writes_beside_results_json_never_over_it(sb_run, tmp_path, capsys):
-    """F5 case 5: ``evaluate.py <run>/checkpoints/last.ckpt --num-samples 20`` leaves the run's
-    results.json as it was and writes a file named by its settings."""
+    """F5 case 5: ``python launchers/evaluate.py <run>/checkpoints/last.ckpt --steps 1 --num-samples 20``
+    leaves the run's results.json as it was and writes a file named by its settings."""
     d = copy_run(sb_run, tmp_path / "run")
     (d / "results.json").write_text('{"the": "final figures"}')
     assert evaluate_launcher.main([str(d / "checkpoints" / "last.ckpt"), "--steps", "1", "--num-samples", "20"]) == 0
