@@ -204,7 +204,7 @@ class RunCSVLogger(CSVLogger):
 
 def checkpoint_log_step(ckpt: dict) -> int:
     """The first logging step a resumed run writes: the iterations its checkpoint records (the log
-    step of iteration ``i`` is ``i``, see :meth:`RunLength.on_train_start`)."""
+    step of iteration ``i`` is ``i``, see :meth:`RunLength.on_train_batch_start`)."""
     return runs.progress_of(ckpt)[0]
 
 

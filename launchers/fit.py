@@ -1,7 +1,11 @@
 """Train from a config: ``python launchers/fit.py CONFIG [key=value ...] [--dry-run]``.
 
 The resolved config (defaults filled in, overrides applied) is saved as ``<run.dir>/config.yaml``;
-``run.resume=auto`` (default) continues from ``<run.dir>/checkpoints/last.ckpt`` when it exists.
+``run.resume=auto`` (default) continues from the newest readable checkpoint of ``run.dir`` when there
+is one, after checking that it was written by the same target, roles and teacher, and that nothing but
+the run's length and bookkeeping changed (``run.resume_changes=allow`` to apply another change). A
+fresh start into a directory that holds a run needs ``run.overwrite=true`` (the old run is moved to
+``<run.dir>.previous-<n>``). See common/runs.py.
 """
 from __future__ import annotations
 

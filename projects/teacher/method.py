@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from typing import Literal
 from pathlib import Path
 
 import lightning as L
@@ -34,7 +35,7 @@ def sample_flow_times(n: int, mode: str, generator: torch.Generator, mean: float
 class FlowMatchingTeacher(L.LightningModule):
     def __init__(self, net: dict, label_dropout: float = 0.1, lr: float = 5e-4, weight_decay: float = 0.0,
                  betas: list = (0.9, 0.99), warmup_steps: int = 500, lr_min_ratio: float = 0.1,
-                 time_sampling: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
+                 time_sampling: Literal["uniform", "logit_normal"] = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
                  ema_beta: float = 0.9995, ema_power: float = 0.75, sample_steps: int = 16,
                  sample_guidance: float = 2.0, num_samples: int = 100, seed: int = 0):
         super().__init__()
