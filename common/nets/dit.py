@@ -83,6 +83,7 @@ class DiT(nn.Module):
         self.t_embed = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.y_embed = nn.Embedding(num_classes + 1, dim)  # last row: the null label
         self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.dim = dim  # the width of the tokens return_features gives
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.out_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)

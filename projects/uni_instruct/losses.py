@@ -21,7 +21,8 @@ def _zeros(r):
     return torch.zeros_like(r)
 
 
-Preset = Literal["rkl", "fkl", "jeffrey", "js", "chi2", "di"]  # the keys of PRESETS (checked at import)
+Preset = Literal["rkl", "fkl", "jeffrey", "js", "chi2", "di", "fdistill_rkl", "fdistill_fkl", "fdistill_jeffrey",
+                 "fdistill_js", "fdistill_chi2"]  # the keys of PRESETS (checked at import)
 
 # preset -> (a_f, b_f); a_f = psi_f(r) = r^2 f''(r), b_f = r^2 psi_f''(r) (section 4 table)
 PRESETS = {
@@ -34,6 +35,16 @@ PRESETS = {
 }
 
 
+# psi_f = r^2 f''(r) and its first two derivatives, for the surrogates of the exact gradient
+PSI = {
+    "rkl": (_ones, _zeros, _zeros),
+    "fkl": (lambda r: r, _ones, _zeros),
+    "jeffrey": (lambda r: 1 + r, _ones, _zeros),
+    "js": (lambda r: r / (2 * (1 + r)), lambda r: 1 / (2 * (1 + r) ** 2), lambda r: -1 / (1 + r) ** 3),
+    "chi2": (lambda r: 2 * r**2, lambda r: 4 * r, lambda r: 4 * torch.ones_like(r)),
+}
+# f-distill: a_f = 0, b_f = psi_f(r) with N_delta = 1 (spec section 4, integrated over noise levels)
+PRESETS.update({f"fdistill_{f}": (_zeros, fns[0]) for f, fns in PSI.items()})
 assert set(get_args(Preset)) == set(PRESETS)
 
 
@@ -90,11 +101,53 @@ def di_norm(y_r: Tensor, y_f: Tensor, w_f: Tensor, mode: str = "per_sample") -> 
     raise ValueError(f"unknown di_norm {mode!r}; expected per_sample, batch or none")
 
 
+Gradient = Literal["paper", "exact", "exact_sid"]
+
+
+def exact_loss(x_g: Tensor, y_r: Tensor, y_f: Tensor, r: Tensor, sigma: Tensor, preset: str = "fkl",
+               sid_shift: bool = False, normalise: bool = True, psi_fns: tuple | None = None) -> Tensor:
+    """Per-sample surrogate whose expected gradient is ``(sigma^4 / 2) grad E_{p_sigma}[psi_f(r)
+    ||s_p - s_q||^2]`` (with ``normalise=False``; tests/test_uni_instruct_exact.py checks it by
+    quadrature), with ``delta = y_r - y_f``::
+
+        L* = psi(r) L_SIM(alpha_f) + sg(c) <x_g, sg(y_f - y_r)>
+        alpha_f = 1/2 + r psi'(r) / (2 psi(r))
+        c = r^2 psi''(r) ||delta||^2 / (2 sigma^2) - r psi'(r) <delta, y_f - x_g> / sigma^2
+
+    ``sid_shift`` adds 1/2 to ``alpha_f`` (``gradient: exact_sid``: ``rkl`` is then SiD's alpha = 1;
+    not exact). ``normalise`` divides the whole loss by ``w_f``, as in the SiD form. ``psi_fns``
+    replaces the preset's ``(psi, psi', psi'')`` (the weighted Jeffrey divergence)."""
+    if preset not in PSI and psi_fns is None:
+        raise ValueError(f"the exact gradient applies to the f-divergence presets {sorted(PSI)}, not {preset!r}")
+    psi, dpsi, d2psi = (fn(r.detach()) for fn in (psi_fns or PSI[preset]))
+    r = r.detach()
+    alpha = 0.5 + (0.5 if sid_shift else 0.0) + r * dpsi / (2 * psi)
+    ones = torch.ones_like(r)
+    sim = sid_loss(x_g, y_r, y_f, ones, alpha)
+    with torch.no_grad():
+        d = y_r - y_f
+        s2 = sigma.reshape(-1) ** 2
+        c = r**2 * d2psi * per_sample(d * d) / (2 * s2) - r * dpsi * per_sample(d * (y_f - x_g)) / s2
+    loss = psi * sim + c * di_loss(x_g, y_r, y_f, ones)
+    return loss / dmd_normaliser(x_g, y_r) if normalise else loss
+
+
 def generator_loss(x_g: Tensor, y_r: Tensor, y_f: Tensor, r: Tensor, preset: str = "fkl", alpha: float = 1.0,
-                   norm: str = "per_sample", jeffrey_weights: tuple | None = None) -> Tensor:
-    """Per-sample ``L_G,i``. ``r`` is the stop-gradient density ratio (ignored by ``di``)."""
+                   norm: str = "per_sample", jeffrey_weights: tuple | None = None, gradient: str = "paper",
+                   sigma: Tensor | None = None) -> Tensor:
+    """Per-sample ``L_G,i``. ``r`` is the stop-gradient density ratio (ignored by ``di``).
+    ``gradient="paper"``: the spec's presets; ``"exact"`` / ``"exact_sid"``: :func:`exact_loss`
+    (needs the per-sample noise level ``sigma``)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    if gradient != "paper":
+        if gradient not in ("exact", "exact_sid") or sigma is None:
+            raise ValueError(f"gradient={gradient!r} needs to be 'paper', or 'exact' / 'exact_sid' with sigma")
+        fns = None
+        if preset == "jeffrey" and jeffrey_weights:  # psi = w1 r + w2
+            w1, w2 = jeffrey_weights
+            fns = (lambda r: w1 * r + w2, lambda r: w1 * torch.ones_like(r), _zeros)
+        return exact_loss(x_g, y_r, y_f, r, sigma, preset, sid_shift=gradient == "exact_sid", psi_fns=fns)
     w_f = dmd_normaliser(x_g, y_r)
     if preset == "di":
         return di_loss(x_g, y_r, y_f, w_f)
@@ -104,6 +157,7 @@ def generator_loss(x_g: Tensor, y_r: Tensor, y_f: Tensor, r: Tensor, preset: str
     b = b_fn(r)
     loss = a * sid_loss(x_g, y_r, y_f, w_f, alpha)
     if bool((b != 0).any()):
+        norm = "none" if preset.startswith("fdistill_") else norm
         loss = loss + b * di_norm(y_r, y_f, w_f, norm) * di_loss(x_g, y_r, y_f, w_f)
     return loss
 

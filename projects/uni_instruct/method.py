@@ -12,6 +12,10 @@ Per iteration: the fake score and discriminator step on one half of the batch (g
 and real images, the same noise for both), then the generator on the other half. The schedule's
 phases (fractions of the run, rescaled from the paper's 100k / 200k images): ``warmup`` (fake score
 only), ``sid`` (plain SiD: ``rkl``, no GAN), then ``main`` (the selected preset with the GAN term).
+``gradient`` chooses the main phase's surrogate: ``paper`` (the spec's presets), ``exact`` (the exact
+gradient of the expansion at each sigma, losses.exact_loss) or ``exact_sid`` (SiD's alpha shift, not
+exact); the ``sid`` phase is always the paper's SiD. ``jeffrey_weights: [w_fkl, w_rkl]`` weighs the
+Jeffrey preset's two divergences.
 """
 from __future__ import annotations
 
@@ -21,12 +25,13 @@ from typing import Literal
 import torch
 
 from common import noise
+from common.critics.discriminator import Discriminator
 from common.one_step import OneStepDistillation
 from common.rng import Purpose
 from common.roles import RoleStep
 from common.teachers.adapters import ConventionAdapter
 from common.teachers.denoiser import CFGMode, Guided
-from projects.uni_instruct.losses import (Preset, critic_loss, density_ratio, dmd_normaliser, generator_gan_loss,
+from projects.uni_instruct.losses import (Gradient, Preset, critic_loss, density_ratio, dmd_normaliser, generator_gan_loss,
                                           generator_loss)
 
 LATE_PHASE = "main"  # the schedule phase in which the selected preset and the GAN term apply
@@ -44,6 +49,8 @@ class UniInstruct(OneStepDistillation):
                  di_norm: Literal["per_sample", "batch", "none"] = "per_sample", alpha: float = 1.0,
                  sigma_init: float = 2.5, sigma_d: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, t_max: float = 0.8,
+                 gradient: Gradient = "paper", jeffrey_weights: list | None = None,
+                 discriminator: Literal["mean", "head"] = "mean", disc_hidden: int = 64,
                  gan: bool = True, gan_weight: float = 0.01, g_scale: float = 100.0, feature_block: str = "block3",
                  guidance: float = 1.0, guidance_mode: CFGMode = "standard", **base):
         super().__init__(**base)
@@ -59,6 +66,9 @@ class UniInstruct(OneStepDistillation):
         self.den.with_net = t.with_net
         self.noise_convention = edm
         self.chw = math.prod(self.sample_shape)
+        if discriminator == "head":  # a trained head on the block's tokens, inside the critic role
+            critic = self.roles["critic"].net
+            critic.add_module("disc", Discriminator({feature_block: critic.dim}, disc_hidden))
 
     # ---------------------------------------------------------------- helpers
     def generate(self, z, y, net=None):
@@ -70,6 +80,8 @@ class UniInstruct(OneStepDistillation):
     def _fake_with_logits(self, x, sigma, y):
         p, feats = self.den.fake.x0_eps(x, sigma, y, return_features=[self.hparams.feature_block])
         f = feats[self.hparams.feature_block]
+        if self.hparams.discriminator == "head":
+            return p.x0, self.roles["critic"].net.disc(feats)
         # logit map: the channel mean of the features, tokens (B, N, D) -> (B, N), maps (B, C, h, w) -> (B, h, w)
         return p.x0, f.mean(-1) if f.ndim == 3 else f.mean(1)
 
@@ -116,7 +128,8 @@ class UniInstruct(OneStepDistillation):
             r = density_ratio(logit, "code_bce", h.ratio_selfnorm, bce, self.chw, w_f)
         else:
             r = density_ratio(logit, "logit_exp", h.ratio_selfnorm)
-        loss_g = generator_loss(x_g, y_r, y_f, r, preset, h.alpha, h.di_norm)
+        loss_g = generator_loss(x_g, y_r, y_f, r, preset, h.alpha, h.di_norm, h.jeffrey_weights,
+                                gradient=h.gradient if late else "paper", sigma=sigma)
         loss = h.g_scale * loss_g.mean()
         logs = {"student/ratio_mean": r.mean(), "student/ratio_cv": r.std() / r.mean().clamp_min(1e-8),
                 "student/phase_late": float(late)}
