@@ -114,3 +114,6 @@ def test_the_method_trains_with_the_exact_gradient_from_config(tiny_teacher, tmp
     assert paper[1] != exact[1]
     fd = run("module.preset=fdistill_fkl")
     assert all(math.isfinite(v) for v in fd)
+    # the custom preset with a(r) = 1, b(r) = 0 is rkl, loss for loss
+    custom = run("module.preset=custom", "module.custom=[torch.ones_like,torch.zeros_like]")
+    assert custom == run("module.preset=rkl")

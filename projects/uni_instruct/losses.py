@@ -22,7 +22,7 @@ def _zeros(r):
 
 
 Preset = Literal["rkl", "fkl", "jeffrey", "js", "chi2", "di", "fdistill_rkl", "fdistill_fkl", "fdistill_jeffrey",
-                 "fdistill_js", "fdistill_chi2"]  # the keys of PRESETS (checked at import)
+                 "fdistill_js", "fdistill_chi2", "custom"]  # the keys of PRESETS and "custom" (checked at import)
 
 # preset -> (a_f, b_f); a_f = psi_f(r) = r^2 f''(r), b_f = r^2 psi_f''(r) (section 4 table)
 PRESETS = {
@@ -45,7 +45,7 @@ PSI = {
 }
 # f-distill: a_f = 0, b_f = psi_f(r) with N_delta = 1 (spec section 4, integrated over noise levels)
 PRESETS.update({f"fdistill_{f}": (_zeros, fns[0]) for f, fns in PSI.items()})
-assert set(get_args(Preset)) == set(PRESETS)
+assert set(get_args(Preset)) == set(PRESETS) | {"custom"}
 
 
 def per_sample(x: Tensor) -> Tensor:
@@ -134,11 +134,15 @@ def exact_loss(x_g: Tensor, y_r: Tensor, y_f: Tensor, r: Tensor, sigma: Tensor, 
 
 def generator_loss(x_g: Tensor, y_r: Tensor, y_f: Tensor, r: Tensor, preset: str = "fkl", alpha: float = 1.0,
                    norm: str = "per_sample", jeffrey_weights: tuple | None = None, gradient: str = "paper",
-                   sigma: Tensor | None = None) -> Tensor:
+                   sigma: Tensor | None = None, custom: tuple | None = None) -> Tensor:
     """Per-sample ``L_G,i``. ``r`` is the stop-gradient density ratio (ignored by ``di``).
     ``gradient="paper"``: the spec's presets; ``"exact"`` / ``"exact_sid"``: :func:`exact_loss`
-    (needs the per-sample noise level ``sigma``)."""
-    if preset not in PRESETS:
+    (needs the per-sample noise level ``sigma``). ``preset="custom"`` takes ``custom = (a, b)``, two
+    functions of ``r`` (the spec's user callables; paper gradient only)."""
+    if preset == "custom":
+        if custom is None or len(custom) != 2 or gradient != "paper":
+            raise ValueError("preset 'custom' needs custom=(a, b), two functions of r, and gradient='paper'")
+    elif preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     if gradient != "paper":
         if gradient not in ("exact", "exact_sid") or sigma is None:
@@ -151,7 +155,7 @@ def generator_loss(x_g: Tensor, y_r: Tensor, y_f: Tensor, r: Tensor, preset: str
     w_f = dmd_normaliser(x_g, y_r)
     if preset == "di":
         return di_loss(x_g, y_r, y_f, w_f)
-    a_fn, b_fn = PRESETS[preset]
+    a_fn, b_fn = custom if preset == "custom" else PRESETS[preset]
     r = r.detach()
     a = a_fn(r) if not (preset == "jeffrey" and jeffrey_weights) else jeffrey_weights[0] * r + jeffrey_weights[1]
     b = b_fn(r)

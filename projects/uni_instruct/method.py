@@ -15,7 +15,8 @@ only), ``sid`` (plain SiD: ``rkl``, no GAN), then ``main`` (the selected preset 
 ``gradient`` chooses the main phase's surrogate: ``paper`` (the spec's presets), ``exact`` (the exact
 gradient of the expansion at each sigma, losses.exact_loss) or ``exact_sid`` (SiD's alpha shift, not
 exact); the ``sid`` phase is always the paper's SiD. ``jeffrey_weights: [w_fkl, w_rkl]`` weighs the
-Jeffrey preset's two divergences.
+Jeffrey preset's two divergences; ``preset: custom`` with ``custom: [dotted.path.a, dotted.path.b]``
+takes the branch weights ``a(r)``, ``b(r)`` from two functions.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Literal
 import torch
 
 from common import noise
+from common.config import locate
 from common.critics.discriminator import Discriminator
 from common.one_step import OneStepDistillation
 from common.rng import Purpose
@@ -49,7 +51,7 @@ class UniInstruct(OneStepDistillation):
                  di_norm: Literal["per_sample", "batch", "none"] = "per_sample", alpha: float = 1.0,
                  sigma_init: float = 2.5, sigma_d: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, t_max: float = 0.8,
-                 gradient: Gradient = "paper", jeffrey_weights: list | None = None,
+                 gradient: Gradient = "paper", jeffrey_weights: list | None = None, custom: list | None = None,
                  discriminator: Literal["mean", "head"] = "mean", disc_hidden: int = 64,
                  gan: bool = True, gan_weight: float = 0.01, g_scale: float = 100.0, feature_block: str = "block3",
                  guidance: float = 1.0, guidance_mode: CFGMode = "standard", **base):
@@ -66,6 +68,9 @@ class UniInstruct(OneStepDistillation):
         self.den.with_net = t.with_net
         self.noise_convention = edm
         self.chw = math.prod(self.sample_shape)
+        if (preset == "custom") != (custom is not None):
+            raise ValueError("module.custom: [dotted.path.a, dotted.path.b] goes with module.preset=custom")
+        self.custom = tuple(locate(f) for f in custom) if custom else None  # a(r), b(r)
         if discriminator == "head":  # a trained head on the block's tokens, inside the critic role
             critic = self.roles["critic"].net
             critic.add_module("disc", Discriminator({feature_block: critic.dim}, disc_hidden))
@@ -129,7 +134,7 @@ class UniInstruct(OneStepDistillation):
         else:
             r = density_ratio(logit, "logit_exp", h.ratio_selfnorm)
         loss_g = generator_loss(x_g, y_r, y_f, r, preset, h.alpha, h.di_norm, h.jeffrey_weights,
-                                gradient=h.gradient if late else "paper", sigma=sigma)
+                                gradient=h.gradient if late else "paper", sigma=sigma, custom=self.custom)
         loss = h.g_scale * loss_g.mean()
         logs = {"student/ratio_mean": r.mean(), "student/ratio_cv": r.std() / r.mean().clamp_min(1e-8),
                 "student/phase_late": float(late)}
