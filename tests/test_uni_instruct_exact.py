@@ -117,3 +117,19 @@ def test_the_method_trains_with_the_exact_gradient_from_config(tiny_teacher, tmp
     # the custom preset with a(r) = 1, b(r) = 0 is rkl, loss for loss
     custom = run("module.preset=custom", "module.custom=[torch.ones_like,torch.zeros_like]")
     assert custom == run("module.preset=rkl")
+
+
+def test_paper_presets_are_psi_and_r2_psi_second_derivative():
+    """The spec's table (a_f = psi_f, b_f = r^2 psi_f'') and the derivatives the exact surrogate uses
+    agree, and psi' / psi'' are the derivatives of psi (autograd)."""
+    from projects.uni_instruct.losses import PRESETS
+
+    r = torch.linspace(0.2, 3.0, 15, dtype=torch.float64, requires_grad=True)
+    for name, (psi, dpsi, d2psi) in PSI.items():
+        a, b = PRESETS[name]
+        torch.testing.assert_close(a(r), psi(r))
+        torch.testing.assert_close(b(r), r**2 * d2psi(r))
+        (g,) = torch.autograd.grad((psi(r) + 0 * r).sum(), r, create_graph=True)  # + 0 r: constants too
+        torch.testing.assert_close(g, dpsi(r).expand_as(r))
+        (g2,) = torch.autograd.grad((g + 0 * r).sum(), r)
+        torch.testing.assert_close(g2, d2psi(r).expand_as(r))
