@@ -102,15 +102,28 @@ def _resumable(key: str) -> bool:
     return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
 
 
+def refused(changes: dict[str, tuple]) -> dict[str, tuple]:
+    """The changes (of :func:`config_changes`) a resume does not allow without ``run.resume_changes``."""
+    return {k: v for k, v in changes.items() if not _resumable(k)}
+
+
+def _recorded_config(run_dir: Path) -> dict | None:
+    """The run's ``config.yaml`` as a plain dict, if it has one."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
 def check_resume(cfg: dict, ckpt_path: Path, ckpt: dict, module) -> dict[str, tuple]:
     """Refuse a checkpoint of another target, role set or teacher, and (unless
     ``run.resume_changes=allow``) any config change outside :data:`RESUMABLE`; return the changes."""
     run_dir = Path(cfg["run"]["dir"])
     old = ckpt.get("run_config")
-    if old is None and (run_dir / "config.yaml").is_file():  # checkpoints written before the record
-        from omegaconf import OmegaConf
-
-        old = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    if old is None:  # checkpoints written before the record
+        old = _recorded_config(run_dir)
     if old is None:
         raise ConfigError(f"cannot resume from {ckpt_path}: it records no run config and {run_dir} has no "
                           f"config.yaml, so what wrote it is unknown")
@@ -128,9 +141,9 @@ def check_resume(cfg: dict, ckpt_path: Path, ckpt: dict, module) -> dict[str, tu
         except ValueError as e:
             raise ConfigError(f"cannot resume from {ckpt_path}: {e}") from None
     changes = config_changes(old, cfg)
-    refused = {k: v for k, v in changes.items() if not _resumable(k)}
-    if refused and cfg["run"]["resume_changes"] != "allow":
-        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+    not_allowed = refused(changes)
+    if not_allowed and cfg["run"]["resume_changes"] != "allow":
+        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in not_allowed.items())
         raise ConfigError(f"resuming {ckpt_path} with a changed config: {lines}. Resume with the recorded "
                           f"config, start elsewhere (run.dir=...), or set run.resume_changes=allow to apply "
                           f"the change from here on (both configs are kept)")
@@ -158,13 +171,10 @@ def record_config(cfg: dict, changes: dict | None, iteration: int) -> None:
 def _same_run_without_checkpoint(cfg: dict, run_dir: Path, existing: list[str]) -> bool:
     """A run of this very config that stopped before writing any checkpoint or final figures: starting
     it again rewrites what it had logged with the same values, so nothing is lost."""
-    if set(existing) - {"config.yaml", "metrics.csv", "samples", "checkpoints"} or checkpoint_files(run_dir) \
-            or not (run_dir / "config.yaml").is_file():
+    if set(existing) - {"config.yaml", "metrics.csv", "samples", "checkpoints"} or checkpoint_files(run_dir):
         return False
-    from omegaconf import OmegaConf
-
-    old = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
-    return not [k for k in config_changes(old, cfg) if not _resumable(k)]
+    old = _recorded_config(run_dir)
+    return old is not None and not refused(config_changes(old, cfg))
 
 
 def prepare(cfg: dict) -> tuple[Path | None, dict | None]:
