@@ -126,7 +126,8 @@ class DistillationModule(L.LightningModule):
                 raise ValueError(f"role {name!r} shares trainable parameters with another role's optimizer")
             seen |= {id(p) for p in ps}
             c = r.config
-            opt = torch.optim.AdamW(ps, lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay)
+            groups = self._param_groups(name, ps)
+            opt = torch.optim.AdamW([{"params": g, **self._group_options(c, ov)} for g, ov in groups])
             warm = max(c.warmup, 0)
             scheds.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda s, w=warm: min(1.0, (s + 1) / w) if w else 1.0))
             self._opt_index[name] = len(opts)
@@ -139,10 +140,31 @@ class DistillationModule(L.LightningModule):
         (``run.resume_changes=allow``, common/runs.py) must take effect rather than be silently kept."""
         for name in self.trainable_roles():
             c, opt, sched = self.roles[name].config, self._optimizer(name), self._scheduler(name)
-            sched.base_lrs = [c.lr] * len(opt.param_groups)
-            for g, lam in zip(opt.param_groups, sched.lr_lambdas):
-                g.update(initial_lr=c.lr, lr=c.lr * lam(sched.last_epoch), betas=tuple(c.betas), eps=c.eps,
-                         weight_decay=c.weight_decay)
+            wanted = [self._group_options(c, ov) for _, ov in self._param_groups(name, self.roles[name].trainable_params())]
+            sched.base_lrs = [w["lr"] for w in wanted]
+            for g, w, lam in zip(opt.param_groups, wanted, sched.lr_lambdas):
+                g.update(initial_lr=w["lr"], **{**w, "lr": w["lr"] * lam(sched.last_epoch)})
+
+    def param_groups(self, name: str, params: list) -> list[tuple[list, dict]]:
+        """How role ``name``'s optimizer splits its parameters: ``(params, overrides)`` pairs, where an
+        override (``lr``, ``betas``, ``eps``, ``weight_decay``) replaces the role's setting for that
+        group. One group without overrides unless a method says otherwise (Uni-Instruct trains its
+        discriminator head at its own learning rate inside the critic's optimizer)."""
+        return [(params, {})]
+
+    def _param_groups(self, name: str, params: list) -> list[tuple[list, dict]]:
+        groups = [(g, ov) for g, ov in self.param_groups(name, params) if g]
+        if sorted(id(p) for g, _ in groups for p in g) != sorted(id(p) for p in params):
+            raise ValueError(f"param_groups({name!r}) must place each of the role's parameters in one group")
+        bad = sorted(set().union(*(ov for _, ov in groups)) - {"lr", "betas", "eps", "weight_decay"})
+        if bad:
+            raise ValueError(f"param_groups({name!r}) overrides unknown optimizer settings {bad}")
+        return groups
+
+    @staticmethod
+    def _group_options(c: RoleConfig, overrides: dict) -> dict:
+        opts = {"lr": c.lr, "betas": tuple(c.betas), "eps": c.eps, "weight_decay": c.weight_decay, **overrides}
+        return {**opts, "betas": tuple(opts["betas"])}
 
     def _optimizer(self, name: str):
         opts = self.optimizers()

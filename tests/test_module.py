@@ -195,6 +195,42 @@ def test_roles_config_sets_each_roles_optimizer_and_rejects_what_it_does_not_kno
         m.check_roles()
 
 
+class Grouped(Recorder):
+    """The critic's optimizer keeps its ``proj`` layer at its own learning rate and betas."""
+
+    overrides = {"lr": 5e-2, "betas": (0.5, 0.9)}
+
+    def param_groups(self, name, params):
+        if name != "critic":
+            return super().param_groups(name, params)
+        proj = {id(p) for p in self.roles["critic"].net.proj.parameters()}
+        return [([p for p in params if id(p) not in proj], {}), ([p for p in params if id(p) in proj], self.overrides)]
+
+
+def test_a_method_can_give_part_of_a_role_its_own_optimizer_settings(tmp_path):
+    """``param_groups``: the overridden group keeps its own lr / betas through the warm-up, through
+    training and through ``on_train_start``'s re-application of the roles config on a resume; every
+    parameter must be in one group, and only optimizer settings can be overridden."""
+    roles = {"student": {"lr": 1e-2}, "critic": {"lr": 1e-2, "betas": [0.9, 0.999], "warmup": 2}}
+    m = Grouped({"student": "full", "critic": "full"}, roles=roles)
+    trainer = fit(m, 3, tmp_path)
+    base, own = m._optimizer("critic").param_groups
+    assert (base["lr"], base["betas"], own["lr"], own["betas"]) == (1e-2, (0.9, 0.999), 5e-2, (0.5, 0.9))
+    assert {id(p) for p in own["params"]} == {id(p) for p in m.roles["critic"].net.proj.parameters()}
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    m2 = Grouped({"student": "full", "critic": "full"}, roles=roles)
+    fit(m2, 4, tmp_path, ckpt=str(tmp_path / "c.ckpt"))
+    assert [g["lr"] for g in m2._optimizer("critic").param_groups] == [1e-2, 5e-2]
+
+    m3 = Grouped({"student": "full", "critic": "full"}, roles=roles)
+    m3.overrides = {"momentum": 0.9}
+    with pytest.raises(ValueError, match=r"overrides unknown optimizer settings \['momentum'\]"):
+        m3.configure_optimizers()
+    m3.param_groups = lambda name, params: [(params[:1], {})]
+    with pytest.raises(ValueError, match="must place each of the role's parameters in one group"):
+        m3.configure_optimizers()
+
+
 def test_schedule_validation():
     with pytest.raises(ValueError, match="increasing 'until'"):
         Schedule.from_config(phases((5, [["a"]]), (3, [["b"]]), (None, [["c"]])))

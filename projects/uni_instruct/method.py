@@ -12,22 +12,31 @@ Per iteration: the fake score and discriminator step on one half of the batch (g
 and real images, the same noise for both), then the generator on the other half. The schedule's
 phases (fractions of the run, rescaled from the paper's 100k / 200k images): ``warmup`` (fake score
 only), ``sid`` (plain SiD: ``rkl``, no GAN), then ``main`` (the selected preset with the GAN term).
-``gradient`` chooses the main phase's surrogate: ``paper`` (the spec's presets), ``exact`` (the exact
-gradient of the expansion at each sigma, losses.exact_loss) or ``exact_sid`` (SiD's alpha shift, not
-exact); the ``sid`` phase is always the paper's SiD. ``jeffrey_weights: [w_fkl, w_rkl]`` weighs the
+``discriminator: head`` replaces the channel-mean logit by a trained head
+(common/critics/discriminator.py): pooled over the block's tokens of the frozen teacher
+(``disc_features: teacher``, stationary while the generator moves) or of the fake score (``fake``),
+trained by its own GAN loss (``disc_loss``, unweighted over sigma) on features it does not change
+(``disc_detach``), at its own ``disc_lr`` / ``disc_betas``; ``discriminator.json`` records how well the discriminator separates
+held-out real digits from generated ones at the end of a run.
+
+``gradient`` chooses the main phase's surrogate: ``paper`` (the spec's presets), ``exact`` (the
+exact gradient of the expansion at each sigma, losses.exact_loss) or ``exact_sid`` (SiD's alpha
+shift, not exact); the ``sid`` phase is always the paper's SiD. ``jeffrey_weights: [w_fkl, w_rkl]`` weighs the
 Jeffrey preset's two divergences; ``preset: custom`` with ``custom: [dotted.path.a, dotted.path.b]``
 takes the branch weights ``a(r)``, ``b(r)`` from two functions.
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from common import noise
 from common.config import locate
-from common.critics.discriminator import Discriminator
+from common.critics.discriminator import Discriminator, GanLoss, auc, discriminator_loss
 from common.one_step import OneStepDistillation
 from common.rng import Purpose
 from common.roles import RoleStep
@@ -52,7 +61,10 @@ class UniInstruct(OneStepDistillation):
                  sigma_init: float = 2.5, sigma_d: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, t_max: float = 0.8,
                  gradient: Gradient = "paper", jeffrey_weights: list | None = None, custom: list | None = None,
-                 discriminator: Literal["mean", "head"] = "mean", disc_hidden: int = 64,
+                 discriminator: Literal["mean", "head"] = "mean", disc_hidden: int = 128, disc_pool: bool = True,
+                 disc_loss: GanLoss = "ns", disc_weight: float = 1.0, disc_detach: bool = True,
+                 disc_lr: float | None = 1.0e-3, disc_betas: list | None = (0.5, 0.99),
+                 disc_features: Literal["teacher", "fake"] = "teacher",
                  gan: bool = True, gan_weight: float = 0.01, g_scale: float = 100.0, feature_block: str = "block3",
                  guidance: float = 1.0, guidance_mode: CFGMode = "standard", **base):
         super().__init__(**base)
@@ -65,6 +77,7 @@ class UniInstruct(OneStepDistillation):
         self.den.teacher = ConventionAdapter(teacher_den, edm)
         self.den.fake = ConventionAdapter(t.with_net(self.roles["critic"].net), edm)
         self.den.student = ConventionAdapter(t.with_net(self.roles["student"].net), edm)
+        self.den.teacher_features = ConventionAdapter(t, edm)  # unguided: the head's frozen features
         self.den.with_net = t.with_net
         self.noise_convention = edm
         self.chw = math.prod(self.sample_shape)
@@ -73,7 +86,17 @@ class UniInstruct(OneStepDistillation):
         self.custom = tuple(locate(f) for f in custom) if custom else None  # a(r), b(r)
         if discriminator == "head":  # a trained head on the block's tokens, inside the critic role
             critic = self.roles["critic"].net
-            critic.add_module("disc", Discriminator({feature_block: critic.dim}, disc_hidden))
+            critic.add_module("disc", Discriminator({feature_block: critic.dim}, disc_hidden, disc_pool))
+
+    def param_groups(self, name, params):
+        """The head trains in the critic's optimizer at its own ``disc_lr`` / ``disc_betas`` (None: the
+        critic's): it must keep up with a generator that changes every step."""
+        h = self.hparams
+        if name != "critic" or h.discriminator != "head":
+            return super().param_groups(name, params)
+        head = {id(p) for p in self.roles["critic"].net.disc.parameters()}
+        own = {k: v for k, v in (("lr", h.disc_lr), ("betas", h.disc_betas)) if v is not None}
+        return [([p for p in params if id(p) not in head], {}), ([p for p in params if id(p) in head], own)]
 
     # ---------------------------------------------------------------- helpers
     def generate(self, z, y, net=None):
@@ -82,13 +105,27 @@ class UniInstruct(OneStepDistillation):
         s = torch.full((len(z),), self.hparams.sigma_init, device=z.device)
         return den(self.hparams.sigma_init * z, s, y)
 
-    def _fake_with_logits(self, x, sigma, y):
-        p, feats = self.den.fake.x0_eps(x, sigma, y, return_features=[self.hparams.feature_block])
-        f = feats[self.hparams.feature_block]
-        if self.hparams.discriminator == "head":
-            return p.x0, self.roles["critic"].net.disc(feats)
+    def _fake_with_logits(self, x, sigma, y, detach: bool = False):
+        """The fake score's x0 and the discriminator's logits; ``detach``: the head reads the features
+        without passing a gradient back (its own training step)."""
+        h = self.hparams
+        if h.discriminator == "head" and h.disc_features == "teacher":
+            return self.den.fake(x, sigma, y), self._logits(x, sigma, y, detach)
+        p, feats = self.den.fake.x0_eps(x, sigma, y, return_features=[h.feature_block])
+        f = feats[h.feature_block]
+        if h.discriminator == "head":
+            return p.x0, self.roles["critic"].net.disc({k: v.detach() if detach else v for k, v in feats.items()})
         # logit map: the channel mean of the features, tokens (B, N, D) -> (B, N), maps (B, C, h, w) -> (B, h, w)
         return p.x0, f.mean(-1) if f.ndim == 3 else f.mean(1)
+
+    def _logits(self, x, sigma, y, detach: bool = False):
+        """The discriminator's logits alone (the fake score's x0 is not needed: real images)."""
+        h = self.hparams
+        if not (h.discriminator == "head" and h.disc_features == "teacher"):
+            return self._fake_with_logits(x, sigma, y, detach)[1]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):  # the teacher is frozen
+            _, feats = self.den.teacher_features.x0_eps(x, sigma, y, return_features=[h.feature_block])
+        return self.roles["critic"].net.disc(feats)
 
     @staticmethod
     def _half(batch, ctx):
@@ -98,11 +135,64 @@ class UniInstruct(OneStepDistillation):
         return (x[:h], y[:h], pos[:h]) if ctx.role == "critic" else (x[h:], y[h:], pos[h:])
 
     def _sigma_gen(self, ctx, pos):
-        """``sigma = (smax^(1/rho) + (1 - u)(smin^(1/rho) - smax^(1/rho)))^rho``, ``u ~ U[0, t_max]``."""
+        return self._sigma_of(ctx.rand(Purpose.TIME, pos))
+
+    def _sigma_of(self, u01):
+        """The generator step's noise levels: ``sigma = (smax^(1/rho) + (1 - u)(smin^(1/rho) -
+        smax^(1/rho)))^rho``, ``u = t_max u01 ~ U[0, t_max]``."""
         h = self.hparams
-        u = h.t_max * ctx.rand(Purpose.TIME, pos)
+        u = h.t_max * u01
         a, b = h.sigma_max ** (1 / h.rho), h.sigma_min ** (1 / h.rho)
         return (a + (1 - u) * (b - a)) ** h.rho
+
+    # ---------------------------------------------------------------- the discriminator, measured
+    @torch.no_grad()
+    def separation(self, x_real, y_real, seed: int = 0, batch: int = 250) -> dict:
+        """How well the discriminator tells held-out real images from generated ones, at the generator
+        step's noise levels (one sigma per pair, the same noise on both): the AUC of its per-sample
+        logit, and the coefficient of variation of the ratio ``r`` it gives the generated samples (the
+        footing of ``student/ratio_cv``), overall and by band of sigma. The samples come from the online
+        generator, the one the discriminator was trained against (not its EMA)."""
+        g = torch.Generator().manual_seed(seed)
+        n = len(x_real)
+        z = torch.randn(n, *self.sample_shape, generator=g)
+        sigma = self._sigma_of(torch.rand(n, generator=g))
+        e = torch.randn(n, *self.sample_shape, generator=g)
+        real, fake = [], []
+        for i in range(0, n, batch):
+            sl = slice(i, i + batch)
+            dev = lambda t: t[sl].to(self.device)  # noqa: E731
+            x_g = self.generate(dev(z), dev(y_real))
+            s, noise = dev(sigma), dev(sigma).view(-1, 1, 1, 1) * dev(e)
+            real.append(self._logits(dev(x_real) + noise, s, dev(y_real)).flatten(1).mean(1).cpu())
+            fake.append(self._logits(x_g + noise, s, dev(y_real)).flatten(1).mean(1).cpu())
+        real, fake = torch.cat(real).double(), torch.cat(fake).double()
+        r = density_ratio(fake[:, None], "logit_exp")  # per sample, as in the generator step
+
+        def figures(m):
+            return {"n": int(m.sum()), "auc": auc(real[m], fake[m]), "ratio_cv": float(r[m].std() / r[m].mean())}
+
+        bands = {"sigma<0.1": sigma < 0.1, "0.1<=sigma<1": (sigma >= 0.1) & (sigma < 1), "sigma>=1": sigma >= 1}
+        return {"discriminator": self.hparams.discriminator, **figures(torch.ones(n, dtype=torch.bool)),
+                "bands": {k: figures(m) for k, m in bands.items() if m.any()}}
+
+    def on_train_end(self):
+        """With a discriminator, on the embedded data: its held-out separation -> ``discriminator.json``."""
+        from common.data import embedded
+        from common.data.datamodule import EmbeddedDataModule
+
+        dm = getattr(self.trainer, "datamodule", None)
+        if not self.hparams.gan or self.trainer.global_rank != 0 or type(dm) is not EmbeddedDataModule:
+            return
+        x, y = embedded.load_tensors(dm.name, "heldout", dm.root)
+        was = self.training
+        self.eval()
+        res = self.separation(x, y)
+        self.train(was)
+        path = Path(self.trainer.default_root_dir) / "discriminator.json"
+        path.write_text(json.dumps(res, indent=2))
+        print(f"discriminator ({res['discriminator']}), held-out real vs generated at the generator's noise "
+              f"levels: AUC {res['auc']:.3f}, ratio CV {res['ratio_cv']:.3f} ({path})", flush=True)
 
     # ---------------------------------------------------------------- steps
     def loss_critic(self, batch, ctx):
@@ -113,9 +203,18 @@ class UniInstruct(OneStepDistillation):
         sigma = torch.exp(h.p_mean + h.p_std * ctx.randn(Purpose.TIME, (), pos))
         n = sigma.view(-1, 1, 1, 1) * ctx.randn(Purpose.NOISE, self.sample_shape, pos)  # same n, real and fake
         lam = edm_weight(sigma, h.sigma_d)
-        y_f, logit_fake = self._fake_with_logits(x_g + n, sigma, y)
-        logit_real = self._fake_with_logits(x_real + n, sigma, y)[1] if h.gan else None
-        return RoleStep(critic_loss(y_f, x_g, lam, logit_fake if h.gan else None, logit_real))
+        head = h.discriminator == "head"
+        detach = head and h.disc_detach
+        y_f, logit_fake = self._fake_with_logits(x_g + n, sigma, y, detach)
+        logit_real = self._logits(x_real + n, sigma, y, detach) if h.gan else None
+        if not (h.gan and head):  # the channel-mean logits train through the shared encoder, EDM-weighted
+            return RoleStep(critic_loss(y_f, x_g, lam, logit_fake if h.gan else None, logit_real))
+        # the head: its own GAN loss, unweighted over sigma (the EDM weight, ~1/sigma^2, would train it
+        # at the smallest noise levels only), on features it does not change unless disc_detach=false
+        d = discriminator_loss(logit_real, logit_fake, h.disc_loss).mean()
+        sep = (logit_real.flatten(1).mean(1) > logit_fake.flatten(1).mean(1)).float().mean()
+        return RoleStep(critic_loss(y_f, x_g, lam) + h.disc_weight * d,
+                        {"critic/disc_loss": d.detach(), "critic/disc_pair_acc": sep})
 
     def loss_student(self, batch, ctx):
         h = self.hparams
