@@ -16,14 +16,14 @@ only), ``sid`` (plain SiD: ``rkl``, no GAN), then ``main`` (the selected preset 
 (common/critics/discriminator.py): pooled over the block's tokens of the frozen teacher
 (``disc_features: teacher``, stationary while the generator moves) or of the fake score (``fake``),
 trained by its own GAN loss (``disc_loss``, unweighted over sigma) on features it does not change
-(``disc_detach``), at its own ``disc_lr`` / ``disc_betas``; ``discriminator.json`` records how well the discriminator separates
-held-out real digits from generated ones at the end of a run.
+(``disc_detach``), at its own ``disc_lr`` / ``disc_betas``. ``discriminator.json`` records how well
+the discriminator separates held-out real digits from generated ones at the end of a run.
 
 ``gradient`` chooses the main phase's surrogate: ``paper`` (the spec's presets), ``exact`` (the
 exact gradient of the expansion at each sigma, losses.exact_loss) or ``exact_sid`` (SiD's alpha
-shift, not exact); the ``sid`` phase is always the paper's SiD. ``jeffrey_weights: [w_fkl, w_rkl]`` weighs the
-Jeffrey preset's two divergences; ``preset: custom`` with ``custom: [dotted.path.a, dotted.path.b]``
-takes the branch weights ``a(r)``, ``b(r)`` from two functions.
+shift, not exact); the ``sid`` phase is always the paper's SiD. ``jeffrey_weights: [w_fkl, w_rkl]``
+weighs the Jeffrey preset's two divergences; ``preset: custom`` with ``custom: [dotted.path.a,
+dotted.path.b]`` takes the branch weights ``a(r)``, ``b(r)`` from two functions.
 """
 from __future__ import annotations
 
