@@ -86,3 +86,22 @@ def test_a_run_with_a_discriminator_reports_its_held_out_separation(tiny_teacher
     again = m.eval().separation(x, y)
     assert again["auc"] == pytest.approx(res["auc"], abs=1e-9)
     assert again["ratio_cv"] == pytest.approx(res["ratio_cv"], rel=1e-6)
+
+
+def test_more_pairs_for_the_head_are_fresh_keyed_draws(tiny_teacher):
+    """``disc_pairs: k`` gives the head k - 1 more (real, generated) pairs a sample: k - 1 different
+    generator samples a position, the same ones again for the same iteration and positions (keyed, so
+    a resumed run draws them again), and the head's gradient from them."""
+    torch.manual_seed(0)
+    m = UniInstruct(teacher=tiny_teacher, discriminator="head", disc_pairs=3, sigma_d=0.55)
+    with torch.no_grad():
+        m.roles["critic"].net.disc.heads[0].net[-1].weight.normal_()
+    x, y, pos = torch.rand(4, *m.sample_shape) * 2 - 1, torch.tensor([1, 2, 3, 4]), torch.arange(4)
+    ctx = m.step_context("critic", pos)
+    real, fake = m._more_pairs(x, y, pos, ctx)
+    assert real.shape == fake.shape == (8, 1)
+    again = m._more_pairs(x, y, pos, m.step_context("critic", pos))
+    assert torch.equal(real, again[0]) and torch.equal(fake, again[1])
+    assert len(set(fake.flatten().tolist())) == 8  # 2 fresh samples per position, all different
+    m.loss_critic((x, y, pos), ctx).loss.backward()
+    assert m.roles["critic"].net.disc.heads[0].net[1].weight.grad.abs().sum() > 0

@@ -64,7 +64,7 @@ class UniInstruct(OneStepDistillation):
                  discriminator: Literal["mean", "head"] = "mean", disc_hidden: int = 128, disc_pool: bool = True,
                  disc_loss: GanLoss = "ns", disc_weight: float = 1.0, disc_detach: bool = True,
                  disc_lr: float | None = 1.0e-3, disc_betas: list | None = (0.5, 0.99),
-                 disc_features: Literal["teacher", "fake"] = "teacher",
+                 disc_features: Literal["teacher", "fake"] = "teacher", disc_pairs: int = 1,
                  gan: bool = True, gan_weight: float = 0.01, g_scale: float = 100.0, feature_block: str = "block3",
                  guidance: float = 1.0, guidance_mode: CFGMode = "standard", **base):
         super().__init__(**base)
@@ -211,10 +211,24 @@ class UniInstruct(OneStepDistillation):
             return RoleStep(critic_loss(y_f, x_g, lam, logit_fake if h.gan else None, logit_real))
         # the head: its own GAN loss, unweighted over sigma (the EDM weight, ~1/sigma^2, would train it
         # at the smallest noise levels only), on features it does not change unless disc_detach=false
+        if h.disc_pairs > 1:
+            more_real, more_fake = self._more_pairs(x_real, y, pos, ctx)
+            logit_real, logit_fake = torch.cat([logit_real, more_real]), torch.cat([logit_fake, more_fake])
         d = discriminator_loss(logit_real, logit_fake, h.disc_loss).mean()
         sep = (logit_real.flatten(1).mean(1) > logit_fake.flatten(1).mean(1)).float().mean()
         return RoleStep(critic_loss(y_f, x_g, lam) + h.disc_weight * d,
                         {"critic/disc_loss": d.detach(), "critic/disc_pair_acc": sep})
+
+    def _more_pairs(self, x_real, y, pos, ctx):
+        """``disc_pairs - 1`` more (real, generated) pairs a sample for the head: fresh generator samples,
+        and the same real images at fresh noise levels and noise (keyed draws, Purpose.EXTRA + 0..2)."""
+        h, k = self.hparams, self.hparams.disc_pairs - 1
+        rep = lambda t: t.repeat_interleave(k, 0)  # noqa: E731  (sample-major, as the draws below)
+        with torch.no_grad():
+            x_g = self.generate(ctx.randn(Purpose.EXTRA, (k, *self.sample_shape), pos).flatten(0, 1), rep(y))
+        sigma = torch.exp(h.p_mean + h.p_std * ctx.randn(Purpose.EXTRA + 1, (k,), pos)).flatten()
+        n = sigma.view(-1, 1, 1, 1) * ctx.randn(Purpose.EXTRA + 2, (k, *self.sample_shape), pos).flatten(0, 1)
+        return self._logits(rep(x_real) + n, sigma, rep(y), True), self._logits(x_g + n, sigma, rep(y), True)
 
     def loss_student(self, batch, ctx):
         h = self.hparams
