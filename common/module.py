@@ -163,8 +163,8 @@ class DistillationModule(L.LightningModule):
 
     @staticmethod
     def _group_options(c: RoleConfig, overrides: dict) -> dict:
-        opts = {"lr": c.lr, "betas": tuple(c.betas), "eps": c.eps, "weight_decay": c.weight_decay, **overrides}
-        return {**opts, "betas": tuple(opts["betas"])}
+        opts = {"lr": c.lr, "betas": c.betas, "eps": c.eps, "weight_decay": c.weight_decay, **overrides}
+        return {**opts, "betas": tuple(opts["betas"])}  # a config list or an override tuple
 
     def _optimizer(self, name: str):
         opts = self.optimizers()

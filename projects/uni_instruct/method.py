@@ -109,7 +109,7 @@ class UniInstruct(OneStepDistillation):
         """The fake score's x0 and the discriminator's logits; ``detach``: the head reads the features
         without passing a gradient back (its own training step)."""
         h = self.hparams
-        if h.discriminator == "head" and h.disc_features == "teacher":
+        if self._head_on_teacher:
             return self.den.fake(x, sigma, y), self._logits(x, sigma, y, detach)
         p, feats = self.den.fake.x0_eps(x, sigma, y, return_features=[h.feature_block])
         f = feats[h.feature_block]
@@ -118,10 +118,14 @@ class UniInstruct(OneStepDistillation):
         # logit map: the channel mean of the features, tokens (B, N, D) -> (B, N), maps (B, C, h, w) -> (B, h, w)
         return p.x0, f.mean(-1) if f.ndim == 3 else f.mean(1)
 
+    @property
+    def _head_on_teacher(self) -> bool:
+        return self.hparams.discriminator == "head" and self.hparams.disc_features == "teacher"
+
     def _logits(self, x, sigma, y, detach: bool = False):
         """The discriminator's logits alone (the fake score's x0 is not needed: real images)."""
         h = self.hparams
-        if not (h.discriminator == "head" and h.disc_features == "teacher"):
+        if not self._head_on_teacher:
             return self._fake_with_logits(x, sigma, y, detach)[1]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):  # the teacher is frozen
             _, feats = self.den.teacher_features.x0_eps(x, sigma, y, return_features=[h.feature_block])
