@@ -218,6 +218,19 @@ class RunRecord(Callback):
         checkpoint["run_config"] = self.cfg
 
 
+def close_process_group() -> None:
+    """Destroy the distributed process group, when one was made, while the interpreter is whole.
+
+    Left to interpreter shutdown, gloo's worker threads can outlive what they reference and a rank
+    ends with SIGABRT ("terminate called without an active exception") after a finished run; every
+    entry point that fits under DDP calls this before it returns."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank leaves while another still writes (rank 0's export and summary)
+        dist.destroy_process_group()
+
+
 def build(cfg: dict):
     """Return (trainer, module, datamodule, ckpt_path) for a resolved config; writes config.yaml."""
     run_dir = Path(cfg["run"]["dir"])

@@ -50,6 +50,7 @@ def main(argv=None) -> int:
         from common.validation import summary
 
         print(summary(cfg["run"]["dir"]), flush=True)
+    runner.close_process_group()
     return 0
 
 

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from common.runner import RunLength, max_steps  # noqa: E402
+from common.runner import RunLength, close_process_group, max_steps  # noqa: E402
 from test_module import Recorder, Stream  # noqa: E402
 
 
@@ -52,6 +52,7 @@ def main():
         "rank": rank, "world": trainer.world_size, "skipped": m.nonfinite["skipped"], "iteration": m.iteration,
         "global_step": trainer.global_step, "ema_step": int(m.ema.step.item()), "params": params.tolist(),
         "pid": os.getpid()}))
+    close_process_group()
 
 
 if __name__ == "__main__":
