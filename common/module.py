@@ -107,6 +107,10 @@ class DistillationModule(L.LightningModule):
         if stray:
             raise ConfigError(f"schedule names roles that are not trainable here: {stray} "
                               f"(trainable: {', '.join(mine)})")
+        idle = [n for n in mine if n not in self.schedule.roles()]
+        if idle:
+            raise ConfigError(f"the schedule never steps trainable role(s) {idle}: name them in a group of a "
+                              f"phase's cycle, e.g. schedule.<phase>.cycle=[[{', '.join(mine)}]]")
         for name in mine:
             if getattr(self, f"loss_{name}", None) is None:
                 raise NotImplementedError(f"{type(self).__name__} has no loss_{name}(batch, ctx)")
@@ -177,16 +181,18 @@ class DistillationModule(L.LightningModule):
         return s[self._opt_index[name]]
 
     # ---------------------------------------------------------------- the step
-    def step_context(self, role: str, positions: Tensor, outputs: dict | None = None) -> StepContext:
+    def step_context(self, role: str, positions: Tensor, outputs: dict | None = None, repeat: int = 0) -> StepContext:
         return StepContext(self.iteration, self.schedule.phase_at(self.iteration).name, role, positions,
-                           self.seed, {} if outputs is None else outputs, self.device)
+                           self.seed, {} if outputs is None else outputs, self.device, repeat)
 
     def training_step(self, batch, batch_idx):
         positions = batch[-1] if isinstance(batch, (list, tuple)) else torch.arange(len(batch))
-        outputs: dict[str, dict] = {}
+        outputs: dict[str, dict] = {}  # a repeated role's latest step
+        done: dict[str, int] = {}
         for name in self.schedule.roles_at(self.iteration):
-            step = self._optimize(name, self.step_context(name, positions, outputs), batch)
+            step = self._optimize(name, self.step_context(name, positions, outputs, done.get(name, 0)), batch)
             outputs[name] = step.outputs
+            done[name] = done.get(name, 0) + 1
         self.iteration += 1
         self.batches_seen += 1
         world = self.trainer.world_size if self._trainer is not None else 1

@@ -103,7 +103,9 @@ PHASE_KEYS = {"name", "until", "cycle"}
 
 
 class Schedule:
-    """Which roles take an optimizer step at each iteration, in named phases."""
+    """Which roles take an optimizer step at each iteration, in named phases. A group may name a role
+    more than once (``[critic, discriminator, discriminator, student]``): it steps that many times, in
+    that order, each step with its own random draws (``StepContext.repeat``)."""
 
     def __init__(self, phases: list[Phase]):
         if not phases:
@@ -223,6 +225,7 @@ class StepContext:
     seed: int = 0
     outputs: dict = field(default_factory=dict)  # role -> RoleStep.outputs of earlier roles this iteration
     device: torch.device | str = "cpu"
+    repeat: int = 0  # the role's how-manieth step in this iteration (a group may name a role more than once)
 
     def output(self, role: str, key: str, make: Callable[[], Tensor] | None = None) -> Tensor:
         """``outputs[role][key]``, or ``make()`` when that role did not step earlier in this iteration
@@ -234,7 +237,8 @@ class StepContext:
         return make()
 
     def _keys(self, purpose: int) -> tuple:
-        return (self.seed, self.iteration, ROLE_NAMES.index(self.role), int(purpose))
+        keys = (self.seed, self.iteration, ROLE_NAMES.index(self.role), int(purpose))
+        return keys + (self.repeat,) if self.repeat else keys  # a repeated step draws afresh
 
     def randn(self, purpose: int, shape=(), positions: Tensor | None = None, dtype=torch.float32) -> Tensor:
         """Standard normal ``(B, *shape)``, one keyed draw per sample."""

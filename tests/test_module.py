@@ -148,6 +148,35 @@ def test_twinflow_pattern_single_network():
     assert set(m.trainable_roles()) == {"student"} and m.schedule.phases[0].name == "main"
 
 
+class Draws(Recorder):
+    """The critic records the keyed draw it makes and the repeat it was told."""
+
+    def loss_critic(self, batch, ctx):
+        self.read.append((ctx.iteration, ctx.repeat, float(ctx.randn(0, (), batch[-1][:1]))))
+        return RoleStep(self._loss("critic", batch, ctx)[0])
+
+
+def test_a_group_can_step_a_role_several_times_each_with_fresh_draws():
+    m = Draws({"student": "full", "critic": "full"}, schedule=phases((None, [["critic", "critic", "student"]])))
+    before = copy.deepcopy(m.roles["critic"].net.state_dict())
+    assert max_steps({"run": {"iterations": 3}}, m) == 9
+    trainer = fit(m, 3)
+    assert trainer.global_step == 9 and m.iteration == 3
+    assert [(i, r) for i, _, r, _ in m.calls] == [(i, r) for i in range(3) for r in ("critic", "critic", "student")]
+    assert [(i, k) for i, k, _ in m.read] == [(i, k) for i in range(3) for k in (0, 1)]
+    draws = [d for _, _, d in m.read]
+    assert len(set(draws)) == 6  # a repeat draws afresh, not the first step's numbers again
+    # repeat 0 draws what a single step would: runs without repeats are unchanged
+    single = Draws({"student": "full", "critic": "full"}, schedule=phases((None, [["critic", "student"]])))
+    fit(single, 3)
+    assert [d for _, _, d in single.read] == draws[::2]
+    # both steps moved the critic: its optimizer stepped twice an iteration (Adam's first step moves
+    # each weight by about lr, so six steps move one at least four lr's further than three)
+    moved = max((a - before[k]).abs().max() for k, a in m.roles["critic"].net.state_dict().items())
+    moved1 = max((a - before[k]).abs().max() for k, a in single.roles["critic"].net.state_dict().items())
+    assert moved > moved1
+
+
 def test_max_steps_is_derived_from_iterations_and_the_schedule():
     uni = Schedule.from_config(phases((80, [["critic"]]), (None, [["critic", "student"]])))
     assert uni.steps_for(400) == 80 + 2 * 320 and uni.steps_for(400, start=100) == 2 * 300
@@ -242,6 +271,9 @@ def test_schedule_validation():
         Schedule.from_config([{"name": "a", "until": 2, "cycle": [["s"]]}, {"name": "a", "cycle": [["s"]]}])
     m = Recorder({"student": "full"}, schedule=phases((None, [["critic"]])))
     with pytest.raises(ConfigError, match=r"not trainable here: \['critic'\]"):
+        m.check_roles()
+    m = Recorder({"student": "full", "critic": "full"}, schedule=phases((None, [["student"]])))
+    with pytest.raises(ConfigError, match=r"the schedule never steps trainable role\(s\) \['critic'\]"):
         m.check_roles()
     with pytest.raises(ValueError, match="unknown role 'generator'"):
         Role("generator", Tiny(), True, "scratch")
