@@ -235,9 +235,9 @@ def build(cfg: dict):
     """Return (trainer, module, datamodule, ckpt_path) for a resolved config; writes config.yaml."""
     run_dir = Path(cfg["run"]["dir"])
     ckpt, state = runs.prepare(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg["run"]["seed"], workers=True, verbose=False)
-    module = build_module(cfg)
+    module = build_module(cfg)  # a config the module refuses leaves no run folder behind
+    run_dir.mkdir(parents=True, exist_ok=True)
     changes = runs.check_resume(cfg, ckpt, state, module) if ckpt else None
     datamodule = instantiate(cfg["data"])
     loggers = [RunCSVLogger(str(run_dir), checkpoint_log_step(state) if ckpt else None)]

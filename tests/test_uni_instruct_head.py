@@ -1,5 +1,6 @@
-"""Uni-Instruct's trained discriminator head (``module.discriminator=head``): what trains it, and the
-held-out separation a run reports."""
+"""Uni-Instruct's trained discriminator head (``module.discriminator=head``, role ``discriminator``):
+what each step trains, the fresh pairs of its repeated steps, and the held-out separation a run
+reports."""
 import dataclasses
 import json
 
@@ -8,41 +9,39 @@ import torch
 
 from projects.uni_instruct.method import UniInstruct
 
-
-def _critic_grads(m, batch):
-    net = m.roles["critic"].net
-    net.zero_grad(set_to_none=True)
-    m.loss_critic(batch, m.step_context("critic", batch[2])).loss.backward()
-    return {k: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for k, p in net.named_parameters()}
+HEAD_SCHEDULE = ["schedule.1.cycle=[[critic,discriminator,student]]",
+                 "schedule.2.cycle=[[critic,discriminator,discriminator,student]]"]
 
 
-@pytest.mark.parametrize("features, detach", [("teacher", False), ("fake", True), ("fake", False)])
-def test_what_the_head_loss_reaches(tiny_teacher, features, detach):
-    """The head's GAN loss always trains the head. On the frozen teacher's features (the default), or
-    on the fake score's with ``disc_detach`` (the default), the fake score's gradient stays that of its
-    DSM loss alone; on the fake score's features without it, the GAN loss also reaches the fake score's
-    layers up to the hooked block (and cannot reach those after it)."""
-    torch.manual_seed(0)
-    m = UniInstruct(teacher=tiny_teacher, discriminator="head", disc_features=features, disc_detach=detach,
-                    sigma_d=0.55)
-    with torch.no_grad():  # off the zero inits (the head's last layer, the DiT's gates and output), so
-        for net in (m.roles["critic"].net, m.roles["teacher"].net):  # every gradient path is open
-            for p in net.parameters():
+def _perturbed(m, *roles):
+    """Off the zero inits (the head's last layer, the DiT's gates and output): every gradient path open."""
+    with torch.no_grad():
+        for r in roles:
+            for p in m.roles[r].net.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-    x = torch.rand(4, *m.sample_shape) * 2 - 1
-    batch = (x, torch.tensor([1, 2, 3, 4]), torch.arange(4))
-    both = _critic_grads(m, batch)
-    m.hparams.disc_weight = 0.0
-    dsm = _critic_grads(m, batch)
-    head = [k for k in both if k.startswith("disc.")]
-    trunk = [k for k in both if not k.startswith("disc.") and dsm[k].abs().sum() > 0]
-    assert head and trunk
-    assert all(both[k].abs().sum() > 0 and dsm[k].abs().sum() == 0 for k in head)
-    same = {k: torch.equal(both[k], dsm[k]) for k in trunk}
-    if features == "teacher" or detach:
-        assert all(same.values())
-    else:
-        assert not same["patch_embed.weight"] and not same["blocks.0.attn.qkv.weight"] and same["out.weight"]
+
+
+def _grads(m, role, batch, **ctx_kw):
+    for r in m.roles.values():
+        r.net.zero_grad(set_to_none=True)
+    getattr(m, f"loss_{role}")(batch, dataclasses.replace(m.step_context(role, batch[2]), **ctx_kw)).loss.backward()
+    return {r: [p.grad for p in m.roles[r].net.parameters()] for r in m.roles}
+
+
+@pytest.mark.parametrize("features", ["teacher", "fake"])
+def test_the_heads_step_trains_the_head_alone_and_the_critics_step_leaves_it_out(tiny_teacher, features):
+    """The head's GAN loss reaches its own weights only, on the frozen teacher's features or on the
+    fake score's (read, not changed); the fake score's step is its DSM loss, without the head."""
+    torch.manual_seed(0)
+    m = UniInstruct(teacher=tiny_teacher, discriminator="head", disc_features=features, sigma_d=0.55)
+    _perturbed(m, "critic", "teacher", "discriminator")
+    batch = (torch.rand(4, *m.sample_shape) * 2 - 1, torch.tensor([1, 2, 3, 4]), torch.arange(4))
+    g = _grads(m, "discriminator", batch)
+    assert all(p is not None and p.abs().sum() > 0 for p in g["discriminator"])
+    assert all(p is None for r in ("critic", "teacher", "student") for p in g[r])
+    g = _grads(m, "critic", batch)
+    assert all(p is None for p in g["discriminator"])
+    assert sum(p.abs().sum() for p in g["critic"] if p is not None) > 0
 
 
 def test_the_generator_step_gets_the_heads_gradient_through_the_frozen_teacher(tiny_teacher):
@@ -50,21 +49,29 @@ def test_the_generator_step_gets_the_heads_gradient_through_the_frozen_teacher(t
     teacher's weights stay without gradient)."""
     torch.manual_seed(0)
     m = UniInstruct(teacher=tiny_teacher, discriminator="head", sigma_d=0.55, gan_weight=1.0, g_scale=0.0)
-    with torch.no_grad():
-        for net in (m.roles["critic"].net, m.roles["teacher"].net, m.roles["student"].net):
-            for p in net.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    y, pos = torch.tensor([1, 2, 3, 4]), torch.arange(4)
-    batch = (torch.zeros(4, *m.sample_shape), y, pos)
-    ctx = dataclasses.replace(m.step_context("student", pos), phase="main")  # the GAN term's phase
-    m.loss_student(batch, ctx).loss.backward()
-    assert all(p.grad is None for p in m.roles["teacher"].net.parameters())
+    _perturbed(m, "critic", "teacher", "student", "discriminator")
+    batch = (torch.zeros(4, *m.sample_shape), torch.tensor([1, 2, 3, 4]), torch.arange(4))
+    g = _grads(m, "student", batch, phase="main")  # the GAN term's phase
+    assert all(p is None for p in g["teacher"])
     assert m.roles["student"].net.patch_embed.weight.grad.abs().sum() > 0
 
 
-def test_a_run_with_a_discriminator_reports_its_held_out_separation(tiny_teacher, tmp_path):
-    """discriminator.json: AUC and ratio CV over the 1,000 held-out digits, and by band of sigma; the
-    same figures as ``separation`` recomputed from the last checkpoint."""
+def test_each_of_the_heads_steps_in_an_iteration_draws_a_fresh_pair(tiny_teacher):
+    """``[critic, discriminator, discriminator, student]``: the second step's generator samples, noise
+    levels and noise differ from the first's, and each repeat draws the same again (keyed: a resumed run
+    repeats them)."""
+    m = UniInstruct(teacher=tiny_teacher, discriminator="head", sigma_d=0.55)
+    batch = (torch.rand(4, *m.sample_shape) * 2 - 1, torch.tensor([1, 2, 3, 4]), torch.arange(4))
+    ctx = lambda k: m.step_context("discriminator", batch[2], repeat=k)  # noqa: E731
+    first, second, again = m._pair(batch, ctx(0)), m._pair(batch, ctx(1)), m._pair(batch, ctx(1))
+    for a, b, c in zip(first[1:4], second[1:4], again[1:4]):  # x_g, n, sigma
+        assert not torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_a_run_with_a_discriminator_reports_its_held_out_separation(tiny_teacher, tmp_path, capsys):
+    """A head the schedule never steps is a config error. discriminator.json: AUC and ratio CV over
+    the 1,000 held-out digits, and by band of sigma; the same figures as ``separation`` recomputed from
+    the last checkpoint."""
     import fit
 
     from common.config import build_module
@@ -73,9 +80,13 @@ def test_a_run_with_a_discriminator_reports_its_held_out_separation(tiny_teacher
     from omegaconf import OmegaConf
 
     d = tmp_path / "run"
-    assert fit.main(["projects/uni_instruct/config.yaml", f"module.teacher={tiny_teacher}", f"run.dir={d}",
-                     "run.iterations=3", "schedule.0.until=1", "schedule.1.until=2", "data.batch_size=4",
-                     "validation.steps=[]", "trainer.enable_progress_bar=false", "module.discriminator=head"]) == 0
+    args = ["projects/uni_instruct/config.yaml", f"module.teacher={tiny_teacher}", f"run.dir={d}",
+            "run.iterations=3", "schedule.0.until=1", "schedule.1.until=2", "data.batch_size=4",
+            "validation.steps=[]", "trainer.enable_progress_bar=false", "module.discriminator=head"]
+    assert fit.main(args) == 2
+    assert "the schedule never steps trainable role(s) ['discriminator']" in capsys.readouterr().err
+    assert not d.exists()
+    assert fit.main(args + HEAD_SCHEDULE) == 0
     res = json.loads((d / "discriminator.json").read_text())
     assert res["discriminator"] == "head" and res["n"] == 1000
     assert sum(b["n"] for b in res["bands"].values()) == 1000
@@ -86,22 +97,6 @@ def test_a_run_with_a_discriminator_reports_its_held_out_separation(tiny_teacher
     again = m.eval().separation(x, y)
     assert again["auc"] == pytest.approx(res["auc"], abs=1e-9)
     assert again["ratio_cv"] == pytest.approx(res["ratio_cv"], rel=1e-6)
-
-
-def test_more_pairs_for_the_head_are_fresh_keyed_draws(tiny_teacher):
-    """``disc_pairs: k`` gives the head k - 1 more (real, generated) pairs a sample: k - 1 different
-    generator samples a position, the same ones again for the same iteration and positions (keyed, so
-    a resumed run draws them again), and the head's gradient from them."""
-    torch.manual_seed(0)
-    m = UniInstruct(teacher=tiny_teacher, discriminator="head", disc_pairs=3, sigma_d=0.55)
-    with torch.no_grad():
-        m.roles["critic"].net.disc.heads[0].net[-1].weight.normal_()
-    x, y, pos = torch.rand(4, *m.sample_shape) * 2 - 1, torch.tensor([1, 2, 3, 4]), torch.arange(4)
-    ctx = m.step_context("critic", pos)
-    real, fake = m._more_pairs(x, y, pos, ctx)
-    assert real.shape == fake.shape == (8, 1)
-    again = m._more_pairs(x, y, pos, m.step_context("critic", pos))
-    assert torch.equal(real, again[0]) and torch.equal(fake, again[1])
-    assert len(set(fake.flatten().tolist())) == 8  # 2 fresh samples per position, all different
-    m.loss_critic((x, y, pos), ctx).loss.backward()
-    assert m.roles["critic"].net.disc.heads[0].net[1].weight.grad.abs().sum() > 0
+    # 3 iterations: critic (warm-up), critic + head + student (sid), critic + 2 heads + student (main)
+    steps = read(d / "checkpoints" / "last.ckpt")["global_step"]
+    assert steps == 1 + 3 + 4

@@ -13,11 +13,13 @@ and real images, the same noise for both), then the generator on the other half.
 phases (fractions of the run, rescaled from the paper's 100k / 200k images): ``warmup`` (fake score
 only), ``sid`` (plain SiD: ``rkl``, no GAN), then ``main`` (the selected preset with the GAN term).
 ``discriminator: head`` replaces the channel-mean logit by a trained head
-(common/critics/discriminator.py): pooled over the block's tokens of the frozen teacher
-(``disc_features: teacher``, stationary while the generator moves) or of the fake score (``fake``),
-trained by its own GAN loss (``disc_loss``, unweighted over sigma) on features it does not change
-(``disc_detach``), at its own ``disc_lr`` / ``disc_betas``. ``discriminator.json`` records how well
-the discriminator separates held-out real digits from generated ones at the end of a run.
+(common/critics/discriminator.py), its own role ``discriminator`` (optimizer ``roles.discriminator``):
+pooled over the block's tokens of the frozen teacher (``disc_features: teacher``, stationary while
+the generator moves) or of the fake score (``fake``, read without changing it), trained by its own
+GAN loss (``disc_loss``, unweighted over sigma) on fresh (real, generated) pairs at each of its steps.
+The schedule says how often it steps: ``[critic, discriminator, discriminator, student]`` gives it
+two steps an iteration. ``discriminator.json`` records how well the discriminator separates held-out
+real digits from generated ones at the end of a run.
 
 ``gradient`` chooses the main phase's surrogate: ``paper`` (the spec's presets), ``exact`` (the
 exact gradient of the expansion at each sigma, losses.exact_loss) or ``exact_sid`` (SiD's alpha
@@ -62,9 +64,7 @@ class UniInstruct(OneStepDistillation):
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, t_max: float = 0.8,
                  gradient: Gradient = "paper", jeffrey_weights: list | None = None, custom: list | None = None,
                  discriminator: Literal["mean", "head"] = "mean", disc_hidden: int = 128, disc_pool: bool = True,
-                 disc_loss: GanLoss = "ns", disc_weight: float = 1.0, disc_detach: bool = True,
-                 disc_lr: float | None = 1.0e-3, disc_betas: list | None = (0.5, 0.99),
-                 disc_features: Literal["teacher", "fake"] = "teacher", disc_pairs: int = 1,
+                 disc_loss: GanLoss = "ns", disc_features: Literal["teacher", "fake"] = "teacher",
                  gan: bool = True, gan_weight: float = 0.01, g_scale: float = 100.0, feature_block: str = "block3",
                  guidance: float = 1.0, guidance_mode: CFGMode = "standard", **base):
         super().__init__(**base)
@@ -84,19 +84,9 @@ class UniInstruct(OneStepDistillation):
         if (preset == "custom") != (custom is not None):
             raise ValueError("module.custom: [dotted.path.a, dotted.path.b] goes with module.preset=custom")
         self.custom = tuple(locate(f) for f in custom) if custom else None  # a(r), b(r)
-        if discriminator == "head":  # a trained head on the block's tokens, inside the critic role
-            critic = self.roles["critic"].net
-            critic.add_module("disc", Discriminator({feature_block: critic.dim}, disc_hidden, disc_pool))
-
-    def param_groups(self, name, params):
-        """The head trains in the critic's optimizer at its own ``disc_lr`` / ``disc_betas`` (None: the
-        critic's): it must keep up with a generator that changes every step."""
-        h = self.hparams
-        if name != "critic" or h.discriminator != "head":
-            return super().param_groups(name, params)
-        head = {id(p) for p in self.roles["critic"].net.disc.parameters()}
-        own = {k: v for k, v in (("lr", h.disc_lr), ("betas", h.disc_betas)) if v is not None}
-        return [([p for p in params if id(p) not in head], {}), ([p for p in params if id(p) in head], own)]
+        if discriminator == "head":  # a trained head on the block's tokens: a role of its own
+            dim = self.roles["critic"].net.dim
+            self.add_role("discriminator", Discriminator({feature_block: dim}, disc_hidden, disc_pool), "scratch")
 
     # ---------------------------------------------------------------- helpers
     def generate(self, z, y, net=None):
@@ -105,38 +95,34 @@ class UniInstruct(OneStepDistillation):
         s = torch.full((len(z),), self.hparams.sigma_init, device=z.device)
         return den(self.hparams.sigma_init * z, s, y)
 
-    def _fake_with_logits(self, x, sigma, y, detach: bool = False):
-        """The fake score's x0 and the discriminator's logits; ``detach``: the head reads the features
-        without passing a gradient back (its own training step)."""
+    def _fake_with_logits(self, x, sigma, y):
+        """The fake score's x0 and the discriminator's logits on the same input (one forward of the
+        fake score when the logits are its channel mean)."""
         h = self.hparams
-        if self._head_on_teacher:
-            return self.den.fake(x, sigma, y), self._logits(x, sigma, y, detach)
+        if h.discriminator == "head":
+            return self.den.fake(x, sigma, y), self._logits(x, sigma, y)
         p, feats = self.den.fake.x0_eps(x, sigma, y, return_features=[h.feature_block])
         f = feats[h.feature_block]
-        if h.discriminator == "head":
-            return p.x0, self.roles["critic"].net.disc({k: v.detach() if detach else v for k, v in feats.items()})
         # logit map: the channel mean of the features, tokens (B, N, D) -> (B, N), maps (B, C, h, w) -> (B, h, w)
         return p.x0, f.mean(-1) if f.ndim == 3 else f.mean(1)
 
-    @property
-    def _head_on_teacher(self) -> bool:
-        return self.hparams.discriminator == "head" and self.hparams.disc_features == "teacher"
-
-    def _logits(self, x, sigma, y, detach: bool = False):
-        """The discriminator's logits alone (the fake score's x0 is not needed: real images)."""
+    def _logits(self, x, sigma, y, features_grad: bool = True):
+        """The discriminator's logits alone. The head's features (frozen teacher or fake score) pass a
+        gradient to ``x`` unless ``features_grad`` is false (the head's own step: only its weights learn)."""
         h = self.hparams
-        if not self._head_on_teacher:
-            return self._fake_with_logits(x, sigma, y, detach)[1]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):  # the teacher is frozen
-            _, feats = self.den.teacher_features.x0_eps(x, sigma, y, return_features=[h.feature_block])
-        return self.roles["critic"].net.disc(feats)
+        if h.discriminator != "head":
+            return self._fake_with_logits(x, sigma, y)[1]
+        den = self.den.teacher_features if h.disc_features == "teacher" else self.den.fake
+        with torch.set_grad_enabled(torch.is_grad_enabled() and features_grad):
+            _, feats = den.x0_eps(x, sigma, y, return_features=[h.feature_block])
+        return self.roles["discriminator"].net({k: v.detach() for k, v in feats.items()} if not features_grad else feats)
 
     @staticmethod
     def _half(batch, ctx):
-        """The fake score / discriminator read the first half of the batch, the generator the second."""
+        """The fake score and the discriminator read the first half of the batch, the generator the second."""
         x, y, pos = batch
         h = len(x) // 2
-        return (x[:h], y[:h], pos[:h]) if ctx.role == "critic" else (x[h:], y[h:], pos[h:])
+        return (x[h:], y[h:], pos[h:]) if ctx.role == "student" else (x[:h], y[:h], pos[:h])
 
     def _sigma_gen(self, ctx, pos):
         return self._sigma_of(ctx.rand(Purpose.TIME, pos))
@@ -199,40 +185,37 @@ class UniInstruct(OneStepDistillation):
               f"levels: AUC {res['auc']:.3f}, ratio CV {res['ratio_cv']:.3f} ({path})", flush=True)
 
     # ---------------------------------------------------------------- steps
-    def loss_critic(self, batch, ctx):
+    def _pair(self, batch, ctx):
+        """Real images of this role's half and generator samples for them, noised alike: the same
+        sigma ~ logN(p_mean, p_std^2) and noise for both. Returns (x_real + n, x_g, n, sigma, y)."""
         h = self.hparams
         x_real, y, pos = self._half(batch, ctx)
         with torch.no_grad():
             x_g = self.generate(ctx.randn(Purpose.LATENT, self.sample_shape, pos), y)
         sigma = torch.exp(h.p_mean + h.p_std * ctx.randn(Purpose.TIME, (), pos))
-        n = sigma.view(-1, 1, 1, 1) * ctx.randn(Purpose.NOISE, self.sample_shape, pos)  # same n, real and fake
-        lam = edm_weight(sigma, h.sigma_d)
-        head = h.discriminator == "head"
-        detach = head and h.disc_detach
-        y_f, logit_fake = self._fake_with_logits(x_g + n, sigma, y, detach)
-        logit_real = self._logits(x_real + n, sigma, y, detach) if h.gan else None
-        if not (h.gan and head):  # the channel-mean logits train through the shared encoder, EDM-weighted
-            return RoleStep(critic_loss(y_f, x_g, lam, logit_fake if h.gan else None, logit_real))
-        # the head: its own GAN loss, unweighted over sigma (the EDM weight, ~1/sigma^2, would train it
-        # at the smallest noise levels only), on features it does not change unless disc_detach=false
-        if h.disc_pairs > 1:
-            more_real, more_fake = self._more_pairs(x_real, y, pos, ctx)
-            logit_real, logit_fake = torch.cat([logit_real, more_real]), torch.cat([logit_fake, more_fake])
-        d = discriminator_loss(logit_real, logit_fake, h.disc_loss).mean()
-        sep = (logit_real.flatten(1).mean(1) > logit_fake.flatten(1).mean(1)).float().mean()
-        return RoleStep(critic_loss(y_f, x_g, lam) + h.disc_weight * d,
-                        {"critic/disc_loss": d.detach(), "critic/disc_pair_acc": sep})
+        n = sigma.view(-1, 1, 1, 1) * ctx.randn(Purpose.NOISE, self.sample_shape, pos)
+        return x_real + n, x_g, n, sigma, y
 
-    def _more_pairs(self, x_real, y, pos, ctx):
-        """``disc_pairs - 1`` more (real, generated) pairs a sample for the head: fresh generator samples,
-        and the same real images at fresh noise levels and noise (keyed draws, Purpose.EXTRA + 0..2)."""
-        h, k = self.hparams, self.hparams.disc_pairs - 1
-        rep = lambda t: t.repeat_interleave(k, 0)  # noqa: E731  (sample-major, as the draws below)
-        with torch.no_grad():
-            x_g = self.generate(ctx.randn(Purpose.EXTRA, (k, *self.sample_shape), pos).flatten(0, 1), rep(y))
-        sigma = torch.exp(h.p_mean + h.p_std * ctx.randn(Purpose.EXTRA + 1, (k,), pos)).flatten()
-        n = sigma.view(-1, 1, 1, 1) * ctx.randn(Purpose.EXTRA + 2, (k, *self.sample_shape), pos).flatten(0, 1)
-        return self._logits(rep(x_real) + n, sigma, rep(y), True), self._logits(x_g + n, sigma, rep(y), True)
+    def loss_critic(self, batch, ctx):
+        h = self.hparams
+        real_t, x_g, n, sigma, y = self._pair(batch, ctx)
+        lam = edm_weight(sigma, self.hparams.sigma_d)
+        if h.discriminator == "head":  # the head has its own role and step (loss_discriminator)
+            return RoleStep(critic_loss(self.den.fake(x_g + n, sigma, y), x_g, lam))
+        # the channel-mean logits train through the shared encoder, EDM-weighted
+        y_f, logit_fake = self._fake_with_logits(x_g + n, sigma, y)
+        logit_real = self._logits(real_t, sigma, y) if h.gan else None
+        return RoleStep(critic_loss(y_f, x_g, lam, logit_fake if h.gan else None, logit_real))
+
+    def loss_discriminator(self, batch, ctx):
+        """The head's GAN loss, unweighted over sigma (the EDM weight, ~1/sigma^2, would train it at the
+        smallest noise levels only), on a fresh pair at each of its steps (``ctx.repeat`` keys the draws)."""
+        real_t, x_g, n, sigma, y = self._pair(batch, ctx)
+        logit_real = self._logits(real_t, sigma, y, features_grad=False)
+        logit_fake = self._logits(x_g + n, sigma, y, features_grad=False)
+        sep = (logit_real.flatten(1).mean(1) > logit_fake.flatten(1).mean(1)).float().mean()
+        return RoleStep(discriminator_loss(logit_real, logit_fake, self.hparams.disc_loss).mean(),
+                        {"discriminator/pair_acc": sep})
 
     def loss_student(self, batch, ctx):
         h = self.hparams
