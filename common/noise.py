@@ -207,6 +207,8 @@ class TrigFlow(Convention):
         self.sigma_d = self.data_scale = sigma_d
 
     def coeffs(self, t):
+        # float32's pi/2 lies above pi/2, where cos t < 0 and the log-SNR is NaN: clamp to the range
+        t = t.clamp(0.0, math.pi / 2)
         return torch.cos(t), self.sigma_d * torch.sin(t)
 
     def _t_from_raw_logsnr(self, raw):
