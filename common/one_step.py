@@ -15,11 +15,12 @@ from common.sampling import OneStepGenerator
 from common.teachers.embedded import load_teacher
 
 
-def sample_shape(net: nn.Module) -> tuple:
-    """``(C, H, W)`` of an image backbone, ``(D,)`` of a point backbone."""
+def sample_shape(net: nn.Module) -> tuple | None:
+    """``(C, H, W)`` of an image backbone, ``(D,)`` of a point backbone, None when the network does not
+    say (a video transformer: the method's config gives the latent shape)."""
     if getattr(net, "image_size", None) is not None:
         return (net.in_channels, net.image_size, net.image_size)
-    return (net.in_dim,)
+    return (net.in_dim,) if hasattr(net, "in_dim") else None
 
 
 class OneStepDistillation(DistillationModule):

@@ -166,3 +166,25 @@ def test_validation_callback_batch_arithmetic_and_final_summary(tmp_path, tiny_t
     p = run("launchers/fit.py", "projects/swiftbrush/config.yaml", "data.batch_size=5", "trainer.devices=2",
             "trainer.strategy=ddp", f"module.teacher={tiny_teacher}", "run.iterations=1", f"run.dir={tmp_path / 'b'}")
     assert p.returncode != 0 and "data.batch_size=5 (the global batch) is not divisible by" in p.stderr
+
+
+def test_benchmark_gates_each_gated_step_count_of_a_few_step_student():
+    """``gates.fd_ratio`` is one bound for 1 step or ``{steps: bound}``; a row of another step count is
+    reported, not gated; a gated step count the fit did not measure is an error."""
+    import benchmark
+
+    best = {"fd": 10.0, "steps": 32}
+    row = lambda steps, fd: {"name": "m", "steps": steps, "num_steps": benchmark._num_steps(steps), "seed": 0,  # noqa: E731
+                             "fd": fd, "accuracy": 0.95, "precision": 0.8, "recall": 0.7, "num_samples": 1000,
+                             "fit_seconds": 100.0}
+    rows = [row(1, 14.0), row([1.57, 1.3, 1.0, 0.6], 13.0), row(2, 99.0)]
+    checks = benchmark._student_checks(rows, best, {"fd_ratio": {1: 1.5, 4: 1.2}, "accuracy": 0.9, "fit_seconds": 600})
+    fd = {c["check"].split(": ")[1].split(" ")[0]: c["ok"] for c in checks if "FD" in c["check"]}
+    assert fd == {"1-step": True, "4-step": False}  # 1.4x passes 1.5; 1.3x misses 1.2; 2 steps not gated
+    assert len(checks) == 2 * 2 + 1  # FD and accuracy per gated row, the wall time once
+    one = benchmark._student_checks(rows[:1], best, {"fd_ratio": 1.5, "accuracy": 0.9, "fit_seconds": 600})
+    assert [c["ok"] for c in one] == [True, True, True]
+    with pytest.raises(SystemExit, match=r"gated step count\(s\) \[4\] were not measured"):
+        benchmark._student_checks(rows[:1], best, {"fd_ratio": {1: 1.5, 4: 1.2}, "accuracy": 0.9, "fit_seconds": 600})
+    table = benchmark._student_table(rows, best, "variant")
+    assert "| m | t1.57-1.3-1-0.6 | 0 | 13.00 | 1.30 |" in table

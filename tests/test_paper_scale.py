@@ -57,6 +57,51 @@ def cifar_like(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def wan_like(tmp_path_factory):
+    """A Wan-shaped text-to-video flow transformer (its diffusers scheduler on flow sigmas), a prompt
+    file with a negative-prompt embedding as ``null``, and a few shards of video latents with their
+    prompt embeddings."""
+    from common.data.shards import write_shards
+
+    root = tmp_path_factory.mktemp("wan")
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                            in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                            num_layers=2, rope_max_seq_len=32)
+    model.save_pretrained(root / "model" / "transformer")
+    (root / "model" / "scheduler").mkdir(parents=True)
+    (root / "model" / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000, "prediction_type": "flow_prediction",
+        "use_flow_sigmas": True, "flow_shift": 3.0}))
+    rng = np.random.default_rng(0)
+    np.savez(root / "prompts.npz", embeddings=rng.standard_normal((4, 5, 16)).astype(np.float16),
+             null=rng.standard_normal((5, 16)).astype(np.float32))
+
+    def npy(a):
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    write_shards(root / "latents", "train", ({"__key__": f"{i:05d}",
+                                              "latent.npy": npy(rng.standard_normal((4, 3, 8, 8)).astype(np.float16)),
+                                              "text.npy": npy(rng.standard_normal((5, 16)).astype(np.float16))}
+                                             for i in range(8)))
+    return root
+
+
+def test_a_flow_matching_video_transformer_loads_as_a_flow_teacher(wan_like):
+    den = load_teacher(f"diffusers:{wan_like / 'model'}")
+    assert isinstance(den.convention, noise.RectifiedFlow) and den.prediction == "flow" and den.time_scale == 1000
+    x, c = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 5, 16)
+    s = torch.tensor([0.2, 0.9])
+    with torch.no_grad():
+        direct = den.net.model(x, timestep=1000 * s, encoder_hidden_states=c, return_dict=False)[0]
+        torch.testing.assert_close(den(x, s, c), direct)
+
+
 def test_diffusers_teacher_convention_and_features(sd_like, cifar_like):
     den = load_teacher(f"diffusers:{sd_like / 'model'}")
     assert isinstance(den.convention, noise.DiscreteVP) and den.prediction == "eps"
@@ -100,9 +145,16 @@ def test_swiftbrush_vp_student_is_the_eps_form_at_the_last_timestep(sd_like):
                                 f"module.teacher=diffusers:{r / 'model'}", f"data.shards={r / 'shards'}",
                                 "data.batch_size=4", "schedule.0.until=1", "schedule.1.until=2",
                                 "trainer.precision=32-true"]),
+    # rCM: the tangent warm-up's student step (JVP through the video transformer), then critic and
+    # student with the DMD term
+    ("rcm", lambda r: ["projects/rcm/configs/wan2.1_t2v_1.3b.yaml", f"module.teacher=diffusers:{r / 'model'}",
+                       f"module.null_embedding={r / 'prompts.npz'}", f"data.shards={r / 'latents'}",
+                       "module.sample_shape=[4,3,8,8]", "module.jvp_impl=torch", "data.batch_size=2",
+                       "schedule.0.until=1", "module.tangent_warmup=1", "schedule.1.cycle=[[critic],[student]]",
+                       "trainer.devices=1", "trainer.strategy=auto", "trainer.precision=32-true"]),
 ])
-def test_paper_scale_config_trains_a_few_steps(project, overrides, sd_like, cifar_like, tmp_path):
-    root = sd_like if project == "swiftbrush" else cifar_like
+def test_paper_scale_config_trains_a_few_steps(project, overrides, sd_like, cifar_like, wan_like, tmp_path):
+    root = {"swiftbrush": sd_like, "uni_instruct": cifar_like, "rcm": wan_like}[project]
     out = tmp_path / "run"
     run("launchers/fit.py", *overrides(root), "run.iterations=3", "trainer.log_every_n_steps=1",
         f"run.dir={out}", check=True)
@@ -120,7 +172,8 @@ def test_paper_scale_config_trains_a_few_steps(project, overrides, sd_like, cifa
 
 
 @pytest.mark.parametrize("project,config", [("swiftbrush", "configs/sd21_base.yaml"),
-                                            ("uni_instruct", "configs/cifar10_ddpm.yaml")])
+                                            ("uni_instruct", "configs/cifar10_ddpm.yaml"),
+                                            ("rcm", "configs/wan2.1_t2v_1.3b.yaml")])
 def test_reproduce_script_submits_the_paper_config_through_the_slurm_launcher(project, config):
     import subprocess
 

@@ -12,7 +12,9 @@ from test_launchers import run
 
 COMMON = ["trainer.log_every_n_steps=1", "trainer.val_check_interval=1000", "validation.steps=[]",
           "run.ckpt_every=1000", "data.batch_size=4"]
-EXTRA = {"uni_instruct": ["schedule.0.until=2", "schedule.1.until=4", "module.feature_block=block3"]}
+EXTRA = {"uni_instruct": ["schedule.0.until=2", "schedule.1.until=4", "module.feature_block=block3"],
+         # the tangent warm-up, then critic and student (with the DMD term) alternating
+         "rcm": ["schedule.0.until=2", "module.tangent_warmup=2", "schedule.1.cycle=[[critic],[student]]"]}
 STOP, END = 3, 6  # iterations
 
 

@@ -116,8 +116,8 @@ def read_shards(paths: list[str], fields: dict[str, str], checks: dict | None = 
             key, _, ext = os.path.basename(name).partition(".")
             groups.setdefault(key, {})[ext] = data
         for key, members in groups.items():
-            try:
-                decoded = {k: DECODERS[ext](members[ext]) for k, ext in fields.items()}
+            try:  # an extension names its decoder by its last part: "latent.npy" is an npy member
+                decoded = {k: DECODERS[ext.rpartition(".")[2]](members[ext]) for k, ext in fields.items()}
             except Exception as e:  # noqa: BLE001 - any decode failure means a corrupt sample
                 skip(path, key, f"{type(e).__name__}: {e}")
                 continue

@@ -1,13 +1,15 @@
 """Real (paper-scale) teachers through diffusers: a pixel or latent UNet with its DDPM scheduler
-config, wrapped as a :class:`~common.teachers.denoiser.Denoiser`.
+config, or a flow-matching transformer (``SanaTransformer2DModel``, ``WanTransformer3DModel``) with
+its ``FlowMatchEulerDiscreteScheduler`` config, wrapped as a :class:`~common.teachers.denoiser.Denoiser`.
 
 Weights load from a local directory or from a hub cache the user already has
 (``local_files_only=True``): nothing is ever downloaded. The teacher is named
 ``diffusers:<directory or hub id>`` wherever a teacher is named (``load_teacher``).
 
-Conditions: a text-conditioned UNet (``UNet2DConditionModel``) takes ``cond`` as precomputed text
-embeddings (B, L, D), with the empty-prompt embedding as the null condition; a class-conditional
-``UNet2DModel`` takes labels; an unconditional one ignores ``cond``.
+Conditions: a text-conditioned UNet (``UNet2DConditionModel``) and the transformers take ``cond`` as
+precomputed text embeddings (B, L, D), with the empty-prompt (or negative-prompt) embedding as the null
+condition; a class-conditional ``UNet2DModel`` takes labels; an unconditional one ignores ``cond``.
+Flow-matching transformers predict the velocity ``u = eps - x0`` at ``1000 s`` (diffusers' timestep).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from common.teachers.denoiser import Denoiser
 
 PREFIX = "diffusers:"
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+UNETS = ("UNet2DConditionModel", "UNet2DModel")
+TRANSFORMERS = ("SanaTransformer2DModel", "WanTransformer3DModel")  # flow matching, text-conditioned
 
 
 class DiffusersNet(nn.Module):
@@ -33,10 +37,11 @@ class DiffusersNet(nn.Module):
         super().__init__()
         self.model = model
         cfg = model.config
+        self.kind = type(model).__name__
         self.in_channels = cfg.in_channels
-        size = cfg.sample_size
-        self.image_size = size if isinstance(size, int) else size[0]
-        self.text_conditioned = getattr(cfg, "cross_attention_dim", None) is not None
+        size = getattr(cfg, "sample_size", None)  # Wan's video latents have none: the method sets the shape
+        self.image_size = size if isinstance(size, int) or size is None else size[0]
+        self.text_conditioned = self.kind in TRANSFORMERS or getattr(cfg, "cross_attention_dim", None) is not None
         self.class_conditioned = bool(getattr(cfg, "num_class_embeds", None)) or \
             getattr(cfg, "class_embed_type", None) is not None
 
@@ -49,7 +54,9 @@ class DiffusersNet(nn.Module):
             hooks.append(module.register_forward_hook(
                 lambda _m, _i, out, name=name: feats.__setitem__(name, out[0] if isinstance(out, tuple) else out)))
         try:
-            if self.text_conditioned:
+            if self.kind in TRANSFORMERS:
+                out = self.model(x, encoder_hidden_states=cond, timestep=t, return_dict=False)[0]
+            elif self.text_conditioned:
                 out = self.model(x, t, encoder_hidden_states=cond, return_dict=False)[0]
             elif self.class_conditioned:
                 out = self.model(x, t, class_labels=cond, return_dict=False)[0]
@@ -64,8 +71,8 @@ class DiffusersNet(nn.Module):
 class HubDenoiser(Denoiser):
     """A Denoiser whose null condition may be a stored empty-prompt embedding."""
 
-    def __init__(self, net, convention, prediction, null_embedding: Tensor | None = None):
-        super().__init__(net, convention, prediction)
+    def __init__(self, net, convention, prediction, null_embedding: Tensor | None = None, time_scale: float = 1.0):
+        super().__init__(net, convention, prediction, time_scale)
         self.register_buffer("null_embedding", null_embedding, persistent=False)
 
     def null_cond(self, cond):
@@ -74,7 +81,7 @@ class HubDenoiser(Denoiser):
         return super().null_cond(cond)
 
     def with_net(self, net: nn.Module) -> "HubDenoiser":
-        return HubDenoiser(net, self.convention, self.prediction, self.null_embedding)
+        return HubDenoiser(net, self.convention, self.prediction, self.null_embedding, self.time_scale)
 
 
 def _resolve(spec: str) -> Path:
@@ -98,11 +105,16 @@ def load_null_embedding(path: str) -> Tensor:
     return load_prompt_file(path)["null"].float()
 
 
-def convention_from_scheduler(path: Path, subfolder: str = "scheduler") -> tuple[noise.DiscreteVP, str]:
+def convention_from_scheduler(path: Path, subfolder: str = "scheduler") -> tuple[noise.Convention, str, float]:
+    """(convention, prediction kind, time scale) from a diffusers scheduler config."""
     cfg_path = path / subfolder / "scheduler_config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no scheduler config at {cfg_path}")
     cfg = json.loads(cfg_path.read_text())
+    # flow matching: the FlowMatch schedulers, or a multistep solver run on flow sigmas (Wan, SANA)
+    if cfg.get("_class_name", "").startswith("FlowMatch") or cfg.get("prediction_type") == "flow_prediction" \
+            or cfg.get("use_flow_sigmas"):
+        return noise.RectifiedFlow(), "flow", float(cfg.get("num_train_timesteps", 1000))
     schedule = cfg.get("beta_schedule", "linear")
     if schedule not in ("linear", "scaled_linear"):
         raise ValueError(f"{cfg_path}: beta_schedule {schedule!r} is not supported (linear, scaled_linear)")
@@ -111,7 +123,7 @@ def convention_from_scheduler(path: Path, subfolder: str = "scheduler") -> tuple
         raise ValueError(f"{cfg_path}: prediction_type {kind!r} is not supported ({', '.join(PREDICTIONS)})")
     conv = noise.DiscreteVP(cfg.get("num_train_timesteps", 1000), cfg.get("beta_start", 0.0001),
                             cfg.get("beta_end", 0.02), schedule)
-    return conv, PREDICTIONS[kind]
+    return conv, PREDICTIONS[kind], 1.0
 
 
 def weights_sha256(path: Path) -> str:
@@ -125,22 +137,25 @@ def weights_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_diffusers_teacher(spec: str, subfolder: str | None = "unet", frozen: bool = True,
+def load_diffusers_teacher(spec: str, subfolder: str | None = None, frozen: bool = True,
                            null_embedding: Tensor | None = None) -> HubDenoiser:
-    """``spec`` is a directory holding ``<subfolder>/`` (the UNet) and ``scheduler/``, or such a hub id."""
+    """``spec`` is a directory holding ``<subfolder>/`` (the network: ``unet/`` or ``transformer/`` when
+    not given) and ``scheduler/``, or such a hub id."""
     import diffusers
 
     path = _resolve(spec.removeprefix(PREFIX))
+    if subfolder is None:
+        subfolder = "transformer" if (path / "transformer").is_dir() and not (path / "unet").is_dir() else "unet"
     sub = path / subfolder if subfolder else path
     cfg_file = sub / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"no model config at {cfg_file}")
     cls_name = json.loads(cfg_file.read_text()).get("_class_name", "UNet2DConditionModel")
-    if cls_name not in ("UNet2DConditionModel", "UNet2DModel"):
-        raise ValueError(f"{cfg_file}: {cls_name} teachers are not wired yet (UNet2DConditionModel, UNet2DModel)")
+    if cls_name not in UNETS + TRANSFORMERS:
+        raise ValueError(f"{cfg_file}: {cls_name} teachers are not wired yet ({', '.join(UNETS + TRANSFORMERS)})")
     model = getattr(diffusers, cls_name).from_pretrained(path, subfolder=subfolder, local_files_only=True)
-    conv, kind = convention_from_scheduler(path)
-    den = HubDenoiser(DiffusersNet(model.float()), conv, kind, null_embedding).eval()
+    conv, kind, time_scale = convention_from_scheduler(path)
+    den = HubDenoiser(DiffusersNet(model.float()), conv, kind, null_embedding, time_scale).eval()
     if frozen:
         den.requires_grad_(False)
     den.source = {"path": str(path), "sha256": weights_sha256(sub)}

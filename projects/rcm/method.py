@@ -1,0 +1,177 @@
+"""rCM: continuous-time consistency distillation (sCM) regularised by a DMD term with a fake-score
+critic (papers/rcm.md), on the shared sCM core (common/scm.py).
+
+Everything runs in TrigFlow with ``sigma_d`` (``x_t = cos t x0 + sin t z``, ``z ~ N(0, sigma_d^2 I)``;
+the paper's ``sigma_d = 1`` is a choice of units, the embedded default is 0.5, the MNIST data's
+scale): the flow teacher, the student (a copy of it) and the critic (another copy) are all seen
+through ``ConventionAdapter(..., TrigFlow(sigma_d))``, the student's ``F`` being that wrapper's
+TrigFlow prediction, so the JVP runs through the preconditioning too.
+
+The schedule (config): ``warmup`` (the tangent warm-up: student steps only, no DMD term), then a
+cycle of critic steps and one student step (``student_update_freq``: 5 = four critic steps, one
+student step). A student step: ``t ~ p_G`` (``sigma = exp(N(p_mean, p_std^2))``, ``t = atan(sigma /
+sigma_d)``) on real images, the guided teacher's ``dx/dt = sigma_d F_T``, the tangent ``J`` (``jvp``,
+``fd_t`` or ``fd``), the target ``g`` (``warmup_form``), normalised per sample, and
+``scm_weight L_sCM``; after the warm-up also ``dmd_weight L_DMD`` on the student's output after a
+backward simulation of ``n`` steps (``n`` = the student step count mod ``backsim_steps``). A critic
+step: its own backward simulation (its own counter), then DSM of the fake score in x0 form weighted
+``1 / sin^2 t_D``. ``t_D ~ p_D``: flow time ``s = shift u / (1 + (shift - 1) u)``,
+``t = atan(s / (1 - s))``.
+
+Sampling: the EMA student, few-step (predict x0, re-noise at the next time): ``validation.steps`` lists
+the times, e.g. ``[1.5707963, 1.3, 1.0, 0.6]`` for 4 steps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from common import noise, scm
+from common.config import ConfigError
+from common.distill_losses import dmd_gradient
+from common.one_step import OneStepDistillation
+from common.rng import Purpose
+from common.roles import RoleStep
+from common.teachers.adapters import ConventionAdapter
+from common.teachers.denoiser import CFGMode, Guided
+from common.teachers.hub import load_null_embedding
+
+HALF_PI = math.pi / 2
+
+
+class RCM(OneStepDistillation):
+    sampler = "multistep"
+    critic_inits = ("copy",)
+
+    def __init__(self, teacher: str = "mnist", sigma_d: float = 0.5, guidance: float = 0.5,
+                 guidance_mode: CFGMode = "offset", p_mean: float = -0.8, p_std: float = 1.6, shift: float = 5.0,
+                 tangent: scm.TangentMode = "jvp", fd_h: float = 1e-4, jvp_impl: str = "torch",
+                 warmup_form: scm.WarmupForm = "paper", tangent_warmup: int = 1000, norm_c: float = 0.1,
+                 reduction: Literal["sum", "mean"] = "mean", scm_weight: float = 1.0, dmd_weight: float = 0.01,
+                 backsim_steps: int = 4, dmd_fixed_times: list | None = None, sample_shape: list | None = None,
+                 null_embedding: str | None = None, **base):
+        super().__init__(**base)
+        self.save_hyperparameters()
+        den = self.add_teacher_roles(teacher)
+        if null_embedding is not None:  # text teachers: the negative prompt's embedding (the file's `null`)
+            den.null_embedding = load_null_embedding(null_embedding)
+        if sample_shape is not None:  # video latents (C, T, H, W): the network does not say
+            self.sample_shape = tuple(sample_shape)
+        if self.sample_shape is None:
+            raise ConfigError(f"the teacher {teacher!r} does not give its sample shape: set module.sample_shape")
+        conv = noise.TrigFlow(sigma_d)
+        self.noise_convention = conv
+        self.den.teacher = ConventionAdapter(Guided(den, guidance, guidance_mode), conv)
+        self.den.student = ConventionAdapter(den.with_net(self.roles["student"].net), conv)
+        self.den.fake = ConventionAdapter(den.with_net(self.roles["critic"].net), conv)
+        self.den.with_net = lambda net: ConventionAdapter(den.with_net(net), conv)
+        phases = {p.name: p for p in self.schedule.phases} if self._schedule is not None else {}
+        if "warmup" in phases and phases["warmup"].until != tangent_warmup:
+            raise ConfigError(f"module.tangent_warmup={tangent_warmup} but the schedule's warmup phase ends at "
+                              f"{phases['warmup'].until}: the DMD term and the critic start after the tangent warm-up")
+        if guidance_mode == "offset":  # the effective standard scale, for the logs (rcm.md section 7)
+            self.standard_guidance = 1.0 + guidance
+        else:
+            self.standard_guidance = guidance
+
+    # ---------------------------------------------------------------- time laws
+    def _t_G(self, ctx, pos, purpose=Purpose.TIME):
+        h = self.hparams
+        return scm.time_from_sigma(torch.exp(h.p_mean + h.p_std * ctx.randn(purpose, (), pos)), h.sigma_d)
+
+    def _t_D(self, ctx, pos, purpose):
+        k = self.hparams.shift
+        u = ctx.rand(purpose, pos)
+        s = k * u / (1 + (k - 1) * u)
+        return torch.atan(s / (1 - s).clamp_min(1e-12))
+
+    def _noised(self, x0, t, eps):
+        tt = noise.append_dims(t, x0.ndim)
+        return torch.cos(tt) * x0 + torch.sin(tt) * self.hparams.sigma_d * eps
+
+    # ---------------------------------------------------------------- backward simulation
+    def _steps_done(self, role: str, it: int) -> int:
+        """How many steps ``role`` took before iteration ``it`` (from the schedule: resumable)."""
+        return self.schedule.steps_per_role(it).get(role, 0)
+
+    @torch.no_grad()
+    def _backsim(self, y, pos, ctx, n: int):
+        """``n`` no-grad steps of the student from pure noise: ``x0_hat = G(x, t)``, then re-noise at
+        ``t_next = min(t ~ p_D, t)`` (or the fixed chain); returns ``(x, t)`` to start the last step."""
+        h = self.hparams
+        x = h.sigma_d * ctx.randn(Purpose.LATENT, self.sample_shape, pos)
+        t = torch.full((len(y),), HALF_PI, device=x.device)
+        for j in range(n):
+            x0 = self.den.student(x, t, y)
+            if h.dmd_fixed_times:
+                t_next = torch.full_like(t, float(h.dmd_fixed_times[min(j, len(h.dmd_fixed_times) - 1)]))
+            else:
+                t_next = torch.minimum(self._t_D(ctx, pos, Purpose.EXTRA + 2 * j), t)
+            x = self._noised(x0, t_next, ctx.randn(Purpose.EXTRA + 2 * j + 1, self.sample_shape, pos))
+            t = t_next
+        return x, t
+
+    def generate(self, z, y, net=None):
+        """One step from pure noise ``x = sigma_d z`` at ``t = pi/2``."""
+        den = self.den.student if net is None else self.den.with_net(net)
+        t = torch.full((len(z),), HALF_PI, device=z.device)
+        return den(self.hparams.sigma_d * z, t, y)
+
+    def generator_denoiser(self):
+        """The EMA student in TrigFlow, for the few-step sampler."""
+        return self.den.with_net(self.ema.ema_model)
+
+    # ---------------------------------------------------------------- steps
+    def loss_student(self, batch, ctx):
+        h = self.hparams
+        x0, y, pos = batch
+        t = self._t_G(ctx, pos)
+        x_t = self._noised(x0, t, ctx.randn(Purpose.NOISE, self.sample_shape, pos))
+        with torch.no_grad():
+            dxdt = h.sigma_d * self.den.teacher.predict(x_t, t, y, kind="trigflow")
+        f = lambda x, tt: self.den.student.predict(x, tt, y, kind="trigflow")  # noqa: E731
+        _, J = scm.tangent(f, x_t, t, dxdt, h.tangent, h.fd_h, h.jvp_impl)
+        F = f(x_t, t)
+        r = scm.warmup_ratio(ctx.iteration, h.tangent_warmup)
+        g = scm.target(F.detach(), dxdt, x_t, t, J, h.sigma_d, r, h.warmup_form)
+        bad = scm.nonfinite_rows(g, F)
+        keep = (~bad).to(F.dtype).view(-1, *([1] * (F.ndim - 1)))
+        g = scm.normalise(torch.nan_to_num(g) * keep, h.norm_c)
+        l_scm = scm.loss(torch.nan_to_num(F) * keep, g, h.reduction).mean()
+        loss = h.scm_weight * l_scm
+        logs = {"student/scm": l_scm.detach(), "student/tangent_r": float(r), "student/nonfinite_rows": bad.float().sum(),
+                "student/J_norm": J.flatten(1).norm(dim=1).mean()}
+        if ctx.iteration >= h.tangent_warmup and h.dmd_weight > 0:
+            l_dmd, g_norm = self._dmd(y, pos, ctx)
+            loss = loss + h.dmd_weight * l_dmd
+            logs.update({"student/dmd": l_dmd.detach(), "student/dmd_g_norm": g_norm})
+        return RoleStep(loss, logs)
+
+    def _dmd(self, y, pos, ctx):
+        """The DMD regulariser on the student's output after a backward simulation."""
+        h = self.hparams
+        n = self._steps_done("student", ctx.iteration) % h.backsim_steps
+        x, t = self._backsim(y, pos, ctx, n)
+        x0 = self.den.student(x, t, y)  # with grad
+        t_D = self._t_D(ctx, pos, Purpose.EXTRA + 2 * h.backsim_steps)
+        x_D = self._noised(x0.detach(), t_D, ctx.randn(Purpose.EXTRA + 2 * h.backsim_steps + 1, self.sample_shape, pos))
+        with torch.no_grad():
+            g = dmd_gradient(self.den.fake(x_D, t_D, y), self.den.teacher(x_D, t_D, y), x0.detach())
+        sq = (x0 - (x0 - g).detach()).pow(2).flatten(1)
+        per = sq.sum(1) if h.reduction == "sum" else sq.mean(1)
+        return per.mean(), g.flatten(1).norm(dim=1).mean()
+
+    def loss_critic(self, batch, ctx):
+        h = self.hparams
+        _, y, pos = batch
+        n = self._steps_done("critic", ctx.iteration) % h.backsim_steps
+        with torch.no_grad():
+            x, t = self._backsim(y, pos, ctx, n)
+            x0 = self.den.student(x, t, y)
+        t_D = self._t_D(ctx, pos, Purpose.TIME)
+        x_D = self._noised(x0, t_D, ctx.randn(Purpose.NOISE, self.sample_shape, pos))
+        sq = (self.den.fake(x_D, t_D, y) - x0).pow(2).flatten(1)
+        per = (sq.sum(1) if h.reduction == "sum" else sq.mean(1)) / torch.sin(t_D).pow(2)
+        return RoleStep(per.mean())

@@ -1,0 +1,96 @@
+"""rCM (projects/rcm) on a tiny random teacher: when the DMD regulariser joins, the backward
+simulation, and the critic's loss."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from common.config import ConfigError
+from projects.rcm.method import RCM
+
+SCHEDULE = [{"name": "warmup", "until": 2, "cycle": [["student"]]},
+            {"name": "main", "cycle": [["critic"], ["critic"], ["student"]]}]
+
+
+def _module(tiny_teacher, **kw):
+    torch.manual_seed(0)
+    return RCM(teacher=tiny_teacher, tangent_warmup=2, schedule=SCHEDULE, **kw)
+
+
+def _batch(m, n=4):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, *m.sample_shape, generator=g) * 2 - 1, torch.arange(n) % 10, torch.arange(n)
+
+
+def _ctx(m, role, batch, it):
+    return dataclasses.replace(m.step_context(role, batch[2]), iteration=it, phase=m.schedule.phase_at(it).name)
+
+
+def test_the_dmd_term_joins_after_the_tangent_warm_up(tiny_teacher):
+    m = _module(tiny_teacher)
+    b = _batch(m)
+    early, late = m.loss_student(b, _ctx(m, "student", b, 1)), m.loss_student(b, _ctx(m, "student", b, 4))
+    assert "student/dmd" not in early.logs and early.logs["student/tangent_r"] == 0.5
+    assert late.logs["student/tangent_r"] == 1.0 and torch.isfinite(late.logs["student/dmd"])
+    torch.testing.assert_close(late.loss, late.logs["student/scm"] + 0.01 * late.logs["student/dmd"])
+    m.roles["student"].net.zero_grad()
+    late.loss.backward()
+    assert all(p.grad is not None for p in m.roles["student"].net.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in m.roles["teacher"].net.parameters())
+
+
+def test_the_backward_simulation_counts_each_roles_steps_and_walks_toward_the_data(tiny_teacher):
+    m = _module(tiny_teacher)
+    b = _batch(m)
+    # iterations 0, 1: student (warm-up); then critic, critic, student, ...
+    assert [m._steps_done("student", it) for it in (0, 2, 5, 6, 8)] == [0, 2, 3, 3, 4]
+    assert [m._steps_done("critic", it) for it in (2, 3, 4, 5, 7)] == [0, 1, 2, 2, 4]
+    x, t = m._backsim(b[1], b[2], _ctx(m, "student", b, 5), 0)
+    torch.testing.assert_close(t, torch.full((4,), math.pi / 2))
+    z = _ctx(m, "student", b, 5).randn(1, m.sample_shape, b[2])  # Purpose.LATENT
+    torch.testing.assert_close(x, 0.5 * z)  # pure noise sigma_d z
+    _, t3 = m._backsim(b[1], b[2], _ctx(m, "student", b, 5), 3)
+    assert (t3 < math.pi / 2).all() and (t3 > 0).all()
+    _, t_fixed = RCM(teacher=tiny_teacher, tangent_warmup=2, schedule=SCHEDULE, dmd_fixed_times=[1.5, 1.4, 1.0]) \
+        ._backsim(b[1], b[2], _ctx(m, "student", b, 5), 2)
+    torch.testing.assert_close(t_fixed, torch.full((4,), 1.4))
+
+
+def test_the_critic_learns_the_students_x0_by_dsm_weighted_one_over_sin_squared(tiny_teacher):
+    m = _module(tiny_teacher)
+    b = _batch(m)
+    ctx = _ctx(m, "critic", b, 2)
+    step = m.loss_critic(b, ctx)
+    with torch.no_grad():  # no backward simulation at the critic's first step: x0 of pure noise
+        x0 = m.generate(ctx.randn(1, m.sample_shape, b[2]), b[1])
+        t_D = m._t_D(ctx, b[2], 2)
+        x_D = m._noised(x0, t_D, ctx.randn(3, m.sample_shape, b[2]))
+        want = ((m.den.fake(x_D, t_D, b[1]) - x0).pow(2).flatten(1).mean(1) / torch.sin(t_D) ** 2).mean()
+    torch.testing.assert_close(step.loss.detach(), want)
+
+
+def test_a_fit_of_a_few_iterations_trains_both_roles_and_samples_in_four_steps(tiny_teacher, tmp_path):
+    import fit
+
+    d = tmp_path / "run"
+    assert fit.main(["projects/rcm/config.yaml", f"module.teacher={tiny_teacher}", f"run.dir={d}",
+                     "run.iterations=5", "schedule.0.until=2", "module.tangent_warmup=2",
+                     "schedule.1.cycle=[[critic],[student]]", "data.batch_size=4", "validation.steps=[]",
+                     "trainer.enable_progress_bar=false"]) == 0
+    from common.serialization import read
+    from common.sampling import generate
+
+    state = read(d / "checkpoints" / "last.ckpt")
+    assert state["global_step"] == 5 and state["distill"]["iteration"] == 5
+    m = _module(tiny_teacher)
+    m.load_state_dict(state["state_dict"])
+    x = generate(m.generator_denoiser(), (3, *m.sample_shape), [math.pi / 2, 1.3, 1.0, 0.6], cond=torch.arange(3),
+                 sampler="multistep", seed=0)
+    one = generate(m.generator_denoiser(), (3, *m.sample_shape), 1, cond=torch.arange(3), sampler="multistep", seed=0)
+    assert torch.isfinite(x).all() and (x - one).abs().max() > 1e-4
+
+
+def test_the_warm_up_phase_must_match_the_tangent_warm_up(tiny_teacher):
+    with pytest.raises(ConfigError, match="tangent_warmup=5 but the schedule's warmup phase ends at 2"):
+        RCM(teacher=tiny_teacher, tangent_warmup=5, schedule=SCHEDULE)
