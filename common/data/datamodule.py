@@ -132,17 +132,12 @@ class ShardDataModule(EmbeddedDataModule):
         self.dataset = PositionDataset(x, torch.from_numpy(arrays["label"].astype(np.int64)), self.seed)
 
 
-class LatentShardDataModule(EmbeddedDataModule):
+class LatentShardDataModule(ShardDataModule):
     """Precomputed latents and their text embeddings on local disk: shards ``<dir>/<prefix>-*.tar`` whose
     samples are ``<key>.latent.npy`` (an image ``(C, H, W)`` or video ``(C, T, H, W)`` latent, already
     scaled as the teacher expects) and ``<key>.text.npy`` (the prompt's embedding ``(L, D)``), read
     into memory: batches ``(latent, embedding, position)`` in the same resumable stream. For what fits
     in memory; larger sets need a streaming reader."""
-
-    def __init__(self, shards: str, prefix: str = "train", batch_size: int = 1, num_workers: int = 0,
-                 seed: int = 0):
-        super().__init__("mnist", batch_size, num_workers, seed)
-        self.shards, self.prefix = shards, prefix
 
     def setup(self, stage=None):
         from common.data.shards import read_shards, shard_paths
