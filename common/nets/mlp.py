@@ -1,7 +1,6 @@
 """A small time- and class-conditional MLP for the 2-D toys (architecture only)."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from common.nets.dit import timestep_embedding

@@ -17,7 +17,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from common import noise
