@@ -186,6 +186,12 @@ class DistillationModule(L.LightningModule):
                            self.seed, {} if outputs is None else outputs, self.device, repeat)
 
     def training_step(self, batch, batch_idx):
+        results = getattr(self._trainer, "_results", None) if self._trainer is not None else None
+        if results is not None:
+            # only the roles that step now log now: Lightning logs a key's last value again at every
+            # step until the epoch ends, and the data stream never ends one (a critic-only iteration
+            # would repeat the student's last loss in metrics.csv)
+            results.reset(metrics=False, fx="training_step")
         positions = batch[-1] if isinstance(batch, (list, tuple)) else torch.arange(len(batch))
         outputs: dict[str, dict] = {}  # a repeated role's latest step
         done: dict[str, int] = {}

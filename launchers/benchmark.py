@@ -7,12 +7,13 @@
   python launchers/benchmark.py toy         the 2-D toy teachers: sliced Wasserstein and mode coverage
   python launchers/benchmark.py jvp         attention JVP time and peak memory at 256, 1024, 4096 tokens
   python launchers/benchmark.py draws       the cost of the per-sample keyed random draws per iteration
+  python launchers/benchmark.py tangent     the sCM tangent's cost in a student step: jvp against fd_t, fd
   python launchers/benchmark.py <method>    any project whose projects/<method>/project.yaml says
                                             kind: method (swiftbrush, uni_instruct, ...): reruns its
                                             gated variants from scratch at each of its training seeds
-                                            and checks the 1-step students on the last EMA weights, at
-                                            the pinned and a second sampling seed, against its gates
-                                            (FD / teacher best, accuracy, fit time); --presets all adds
+                                            and checks the students on the last EMA weights (each step
+                                            count its gates name), at the pinned and a second sampling
+                                            seed (FD / teacher best, accuracy, fit time); --presets all adds
                                             the reported variants (or name the ones to run)
 
 Each suite prints a Markdown table, writes ``runs/benchmark/<suite>.json`` and exits non-zero
@@ -316,8 +317,56 @@ def suite_draws(args) -> tuple[dict, list[dict]]:
     return {"rows": rows, "table": "\n".join(lines)}, []
 
 
+def suite_tangent(args) -> tuple[dict, list[dict]]:
+    """What the sCM tangent costs in a consistency student's step, side by side in one process: the
+    tangent ``cos t sin t dF/dt`` of the embedded teacher seen as a TrigFlow student (``jvp`` through
+    the attention-JVP kernels, or the ``fd_t`` / ``fd`` finite differences), then the grad forward and
+    backward of ``F`` that every mode shares; batch 32, the modes interleaved, median of 10 (after one
+    warm-up each)."""
+    import statistics
+
+    import torch
+
+    from common import noise, scm
+    from common.teachers.adapters import ConventionAdapter
+    from common.teachers.embedded import load_teacher
+
+    den = load_teacher("mnist", frozen=False)
+    trig = ConventionAdapter(den, noise.TrigFlow(0.5))
+    g = torch.Generator().manual_seed(0)
+    b = 32
+    x_t = 0.5 * torch.randn(b, 1, 32, 32, generator=g)
+    t = torch.rand(b, generator=g) * 1.4 + 0.1
+    y = torch.arange(b) % 10
+    with torch.no_grad():
+        dxdt = 0.5 * trig.predict(x_t, t, y, kind="trigflow")
+    f = lambda x, tt: trig.predict(x, tt, y, kind="trigflow")  # noqa: E731
+
+    def step(mode):
+        scm.tangent(f, x_t, t, dxdt, mode)
+        den.net.zero_grad(set_to_none=True)
+        f(x_t, t).square().mean().backward()
+
+    modes = ("jvp", "fd_t", "fd")
+    times = {m: [] for m in modes}
+    for m in modes:
+        step(m)
+    for _ in range(10):
+        for m in modes:
+            t0 = time.perf_counter()
+            step(m)
+            times[m].append(time.perf_counter() - t0)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    rows = [{"mode": m, "median_s": round(med[m], 4), "vs_fd": round(med[m] / med["fd"], 3)} for m in modes]
+    lines = [f"The sCM tangent plus the shared grad forward/backward of F, embedded DiT, batch {b}, CPU threads "
+             f"{torch.get_num_threads()}, median of 10, interleaved.", "",
+             "| tangent | time (s) | / fd |", "|---|---|---|"]
+    lines += [f"| {r['mode']} | {r['median_s']:.3f} | {r['vs_fd']:.2f} |" for r in rows]
+    return {"rows": rows, "table": "\n".join(lines)}, []
+
+
 SUITES = {"teacher": suite_teacher, "guidance": suite_guidance, "toy": suite_toy, "jvp": suite_jvp,
-          "draws": suite_draws}
+          "draws": suite_draws, "tangent": suite_tangent}
 
 
 def main(argv=None) -> int:

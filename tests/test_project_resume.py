@@ -37,12 +37,13 @@ def test_stopped_and_resumed_run_logs_the_same_losses(project, tmp_path, tiny_te
     assert f"resuming at iteration {STOP}" in p.stdout
     a, b = _rows(full), _rows(part)
     assert {k for _, k in a} >= {"student/loss", "critic/loss"}
-    assert sorted(a) == sorted(b) and len(a) >= 8
+    assert sorted(a) == sorted(b)
     for key in a:
         assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), key
     ea = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)
     eb = torch.load(part / "checkpoints" / "last.ckpt", weights_only=True)
     assert ea["distill"]["iteration"] == eb["distill"]["iteration"] == END
+    assert len(a) == ea["global_step"] >= END  # each optimizer step's loss logged once, at the step it was taken
     for k in ea["state_dict"]:
         if k.startswith("ema."):
             torch.testing.assert_close(eb["state_dict"][k], ea["state_dict"][k], rtol=0, atol=1e-7)
