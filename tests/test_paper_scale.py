@@ -162,8 +162,8 @@ def test_paper_scale_config_trains_a_few_steps(project, overrides, sd_like, cifa
 
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     losses = [float(r[k]) for r in rows for k in ("student/loss", "critic/loss") if r.get(k)]
-    assert len(losses) >= 4 and all(np.isfinite(losses))
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert len(losses) == ckpt["global_step"] >= 3 and all(np.isfinite(losses))  # one per optimizer step
     keys = list(ckpt["state_dict"])
     assert any(k.startswith("nets.student.") for k in keys)
     # the frozen teacher is identified by hash, not stored; with a LoRA critic only its adapters are
