@@ -59,6 +59,7 @@ class DistillationModule(L.LightningModule):
         self.iteration = 0
         self.batches_seen = 0
         self.nonfinite = {"skipped": 0, "in_a_row": 0}
+        self._logs_flushed = True  # whether the last step's logs went to the loggers (training_step)
 
     # ---------------------------------------------------------------- declaring roles
     def role_config(self, name: str) -> RoleConfig:
@@ -187,10 +188,10 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         results = getattr(self._trainer, "_results", None) if self._trainer is not None else None
-        if results is not None:
-            # only the roles that step now log now: Lightning logs a key's last value again at every
-            # step until the epoch ends, and the data stream never ends one (a critic-only iteration
-            # would repeat the student's last loss in metrics.csv)
+        if results is not None and self._logs_flushed:
+            # a flush to the loggers shows only the roles that stepped since the last one: Lightning
+            # logs a key's last value again at every flush until the epoch ends, and the data stream
+            # never ends one (critic-only iterations would repeat the student's last loss)
             results.reset(metrics=False, fx="training_step")
         positions = batch[-1] if isinstance(batch, (list, tuple)) else torch.arange(len(batch))
         outputs: dict[str, dict] = {}  # a repeated role's latest step
@@ -201,6 +202,8 @@ class DistillationModule(L.LightningModule):
             done[name] = done.get(name, 0) + 1
         self.iteration += 1
         self.batches_seen += 1
+        connector = getattr(self._trainer, "_logger_connector", None) if self._trainer is not None else None
+        self._logs_flushed = bool(connector.should_update_logs) if connector is not None else True
         world = self.trainer.world_size if self._trainer is not None else 1
         self.log_dict({"progress/iteration": float(self.iteration),
                        "progress/samples_seen": float(self.iteration * len(positions) * world)})

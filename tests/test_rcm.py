@@ -77,7 +77,15 @@ def test_a_fit_of_a_few_iterations_trains_both_roles_and_samples_in_four_steps(t
     assert fit.main(["projects/rcm/config.yaml", f"module.teacher={tiny_teacher}", f"run.dir={d}",
                      "run.iterations=5", "schedule.0.until=2", "module.tangent_warmup=2",
                      "schedule.1.cycle=[[critic],[student]]", "data.batch_size=4", "validation.steps=[]",
-                     "trainer.enable_progress_bar=false"]) == 0
+                     "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=2"]) == 0
+    import csv
+
+    # a flush to metrics.csv holds the roles that stepped since the last flush, each at its latest value:
+    # iterations 0-1 the student alone (warm-up), 2-3 the critic and the student
+    rows = [{k: v for k, v in r.items() if v and k.endswith("/loss")} for r in csv.DictReader(open(d / "metrics.csv"))
+            if r.get("step")]
+    assert [sorted(r) for r in rows[:2]] == [["student/loss"], ["critic/loss", "student/loss"]]
+    assert rows[0]["student/loss"] != rows[1]["student/loss"]
     from common.serialization import read
     from common.sampling import generate
 
