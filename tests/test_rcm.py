@@ -102,3 +102,22 @@ def test_a_fit_of_a_few_iterations_trains_both_roles_and_samples_in_four_steps(t
 def test_the_warm_up_phase_must_match_the_tangent_warm_up(tiny_teacher):
     with pytest.raises(ConfigError, match="tangent_warmup=5 but the schedule's warmup phase ends at 2"):
         RCM(teacher=tiny_teacher, tangent_warmup=5, schedule=SCHEDULE)
+
+
+def test_the_sampler_sees_the_student_in_the_teachers_data_units_whatever_sigma_d(tiny_teacher):
+    """TrigFlow's x0 is sigma_d times the teacher's data; the samples come back in the teacher's units,
+    so sigma_d 0.5 and 1 give the same samples of the same network (times are sigma_d-free)."""
+    from common.sampling import generate
+
+    out = {}
+    for sd in (0.5, 1.0):
+        m = _module(tiny_teacher, sigma_d=sd)
+        with torch.no_grad():  # the same non-trivial student in both
+            torch.manual_seed(3)
+            for p in m.ema.ema_model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        assert m.data_scale == sd
+        out[sd] = generate(m.generator_denoiser(), (3, *m.sample_shape), [math.pi / 2, 1.3, 0.6],
+                           cond=torch.arange(3), sampler="multistep", seed=0)
+    assert out[1.0].abs().max() > 0.1
+    torch.testing.assert_close(out[0.5], out[1.0], rtol=1e-4, atol=1e-4)

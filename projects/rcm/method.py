@@ -62,7 +62,12 @@ class RCM(OneStepDistillation):
         if self.sample_shape is None:
             raise ConfigError(f"the teacher {teacher!r} does not give its sample shape: set module.sample_shape")
         conv = noise.TrigFlow(sigma_d)
-        self.noise_convention = conv
+        # TrigFlow's data are x0 = sigma_d y for the teacher's unit-scale data y: the batch is scaled
+        # so, and the sampler sees the student through TrigFlow at the teacher's own data scale (the
+        # same times, samples in the teacher's units)
+        self.data_scale = conv.data_scale / den.convention.data_scale
+        self.noise_convention = noise.TrigFlow(den.convention.data_scale)
+        self.den.flow = den
         self.den.teacher = ConventionAdapter(Guided(den, guidance, guidance_mode), conv)
         self.den.student = ConventionAdapter(den.with_net(self.roles["student"].net), conv)
         self.den.fake = ConventionAdapter(den.with_net(self.roles["critic"].net), conv)
@@ -120,13 +125,14 @@ class RCM(OneStepDistillation):
         return den(self.hparams.sigma_d * z, t, y)
 
     def generator_denoiser(self):
-        """The EMA student in TrigFlow, for the few-step sampler."""
-        return self.den.with_net(self.ema.ema_model)
+        """The EMA student in TrigFlow, for the few-step sampler, in the teacher's data units."""
+        return ConventionAdapter(self.den.flow.with_net(self.ema.ema_model), self.noise_convention)
 
     # ---------------------------------------------------------------- steps
     def loss_student(self, batch, ctx):
         h = self.hparams
         x0, y, pos = batch
+        x0 = self.data_scale * x0  # TrigFlow's x0 = sigma_d y
         t = self._t_G(ctx, pos)
         x_t = self._noised(x0, t, ctx.randn(Purpose.NOISE, self.sample_shape, pos))
         with torch.no_grad():
