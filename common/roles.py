@@ -225,7 +225,7 @@ class StepContext:
     seed: int = 0
     outputs: dict = field(default_factory=dict)  # role -> RoleStep.outputs of earlier roles this iteration
     device: torch.device | str = "cpu"
-    repeat: int = 0  # the role's how-manieth step in this iteration (a group may name a role more than once)
+    repeat: int = 0  # 0 for the role's first step in this iteration, 1 for its second, ... (a group may repeat a role)
 
     def output(self, role: str, key: str, make: Callable[[], Tensor] | None = None) -> Tensor:
         """``outputs[role][key]``, or ``make()`` when that role did not step earlier in this iteration

@@ -76,10 +76,8 @@ class RCM(OneStepDistillation):
         if "warmup" in phases and phases["warmup"].until != tangent_warmup:
             raise ConfigError(f"module.tangent_warmup={tangent_warmup} but the schedule's warmup phase ends at "
                               f"{phases['warmup'].until}: the DMD term and the critic start after the tangent warm-up")
-        if guidance_mode == "offset":  # the effective standard scale, for the logs (rcm.md section 7)
-            self.standard_guidance = 1.0 + guidance
-        else:
-            self.standard_guidance = guidance
+        # the effective standard scale, logged (rcm.md section 7)
+        self.standard_guidance = 1.0 + guidance if guidance_mode == "offset" else guidance
 
     # ---------------------------------------------------------------- time laws
     def _t_G(self, ctx, pos, purpose=Purpose.TIME):
@@ -148,6 +146,7 @@ class RCM(OneStepDistillation):
         l_scm = scm.loss(torch.nan_to_num(F) * keep, g, h.reduction).mean()
         loss = h.scm_weight * l_scm
         logs = {"student/scm": l_scm.detach(), "student/tangent_r": float(r), "student/nonfinite_rows": bad.float().sum(),
+                "student/cfg_standard_scale": self.standard_guidance,
                 "student/J_norm": J.flatten(1).norm(dim=1).mean()}
         if ctx.iteration >= h.tangent_warmup and h.dmd_weight > 0:
             l_dmd, g_norm = self._dmd(y, pos, ctx)
