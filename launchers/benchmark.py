@@ -189,11 +189,13 @@ def _fit(name: str, config: str, overrides: list[str], grid_to: Path | None = No
     if code:
         raise SystemExit(f"{name}: fit failed (exit {code}); see {OUT / (name + '.log')}")
     rows = json.loads((run_dir / "results.json").read_text())["results"]
-    grids = {json.dumps(r["steps"]): run_dir / "samples" / f"final_{steps_label(r['steps'])}.png" for r in rows}
+    def grid(steps):
+        return run_dir / "samples" / f"final_{steps_label(steps)}.png"
+
     if grid_to is not None:
-        shutil.copyfile(grids[json.dumps(min((r["steps"] for r in rows), key=_num_steps))], grid_to)
+        shutil.copyfile(grid(min((r["steps"] for r in rows), key=_num_steps)), grid_to)
     return [{"name": name, "overrides": overrides, "fit_seconds": round(seconds, 1), **r,
-             "num_steps": _num_steps(r["steps"]), "grid": str(grids[json.dumps(r["steps"])])} for r in rows]
+             "num_steps": _num_steps(r["steps"]), "grid": str(grid(r["steps"]))} for r in rows]
 
 
 def _num_steps(steps) -> int:

@@ -30,7 +30,7 @@ import torch
 
 from common import noise, scm
 from common.config import ConfigError
-from common.distill_losses import dmd_gradient
+from common.distill_losses import dmd_gradient, surrogate_loss
 from common.one_step import OneStepDistillation
 from common.rng import Purpose
 from common.roles import RoleStep
@@ -141,7 +141,7 @@ class RCM(OneStepDistillation):
         r = scm.warmup_ratio(ctx.iteration, h.tangent_warmup)
         g = scm.target(F.detach(), dxdt, x_t, t, J, h.sigma_d, r, h.warmup_form)
         bad = scm.nonfinite_rows(g, F)
-        keep = (~bad).to(F.dtype).view(-1, *([1] * (F.ndim - 1)))
+        keep = noise.append_dims((~bad).to(F.dtype), F.ndim)
         g = scm.normalise(torch.nan_to_num(g) * keep, h.norm_c)
         l_scm = scm.loss(torch.nan_to_num(F) * keep, g, h.reduction).mean()
         loss = h.scm_weight * l_scm
@@ -164,9 +164,9 @@ class RCM(OneStepDistillation):
         x_D = self._noised(x0.detach(), t_D, ctx.randn(Purpose.EXTRA + 2 * h.backsim_steps + 1, self.sample_shape, pos))
         with torch.no_grad():
             g = dmd_gradient(self.den.fake(x_D, t_D, y), self.den.teacher(x_D, t_D, y), x0.detach())
-        sq = (x0 - (x0 - g).detach()).pow(2).flatten(1)
-        per = sq.sum(1) if h.reduction == "sum" else sq.mean(1)
-        return per.mean(), g.flatten(1).norm(dim=1).mean()
+        # rcm.md's sum over elements of (x0 - sg(x0 - g))^2: twice the shared 1/2-norm surrogate
+        loss = 2 * surrogate_loss(x0, g, "per_sample_sum" if h.reduction == "sum" else "mean")
+        return loss, g.flatten(1).norm(dim=1).mean()
 
     def loss_critic(self, batch, ctx):
         h = self.hparams

@@ -115,7 +115,7 @@ class UniInstruct(OneStepDistillation):
         den = self.den.teacher_features if h.disc_features == "teacher" else self.den.fake
         with torch.set_grad_enabled(torch.is_grad_enabled() and features_grad):
             _, feats = den.x0_eps(x, sigma, y, return_features=[h.feature_block])
-        return self.roles["discriminator"].net({k: v.detach() for k, v in feats.items()} if not features_grad else feats)
+        return self.roles["discriminator"].net(feats)
 
     @staticmethod
     def _half(batch, ctx):
@@ -199,7 +199,7 @@ class UniInstruct(OneStepDistillation):
     def loss_critic(self, batch, ctx):
         h = self.hparams
         real_t, x_g, n, sigma, y = self._pair(batch, ctx)
-        lam = edm_weight(sigma, self.hparams.sigma_d)
+        lam = edm_weight(sigma, h.sigma_d)
         if h.discriminator == "head":  # the head has its own role and step (loss_discriminator)
             return RoleStep(critic_loss(self.den.fake(x_g + n, sigma, y), x_g, lam))
         # the channel-mean logits train through the shared encoder, EDM-weighted
