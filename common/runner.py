@@ -93,13 +93,14 @@ def _validates_after_this_batch(trainer) -> bool:
 
 class IterationCheckpoint(ModelCheckpoint):
     """Periodic checkpoints every ``every`` iterations (not optimizer steps, whose count per iteration
-    can change between phases), named by iteration (``it0000500.ckpt``) and all kept, plus ``last``.
+    can change between phases), named by iteration (``it0000500.ckpt``) and all kept, plus ``last``;
+    also at the run's ``final`` iteration, so ``last`` holds the weights the final figures measure.
     When a validation follows the iteration, the checkpoint is written after it: a kill during the
     validation then resumes before it and measures again, instead of skipping it."""
 
-    def __init__(self, every: int, **kw):
+    def __init__(self, every: int, final: int | None = None, **kw):
         super().__init__(every_n_train_steps=0, **kw)
-        self.every = every
+        self.every, self.final = every, final
 
     def _monitor_candidates(self, trainer):
         import torch
@@ -109,7 +110,8 @@ class IterationCheckpoint(ModelCheckpoint):
         return out
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if iterations_done(trainer, module) % self.every or self._should_skip_saving_checkpoint(trainer):
+        it = iterations_done(trainer, module)
+        if (it % self.every and it != self.final) or self._should_skip_saving_checkpoint(trainer):
             return
         if _validates_after_this_batch(trainer):  # checkpoint after it, or a kill during it loses it
             self._deferred = True
@@ -246,8 +248,8 @@ def build(cfg: dict):
         loggers.append(WandbLogger(save_dir=str(run_dir), offline=True, project="fewstep"))
     trainer_kwargs = dict(cfg["trainer"], max_steps=max_steps(cfg, module))
     callbacks = [
-        IterationCheckpoint(cfg["run"]["ckpt_every"], dirpath=str(run_dir / "checkpoints"), filename="it{iteration:07d}",
-                            auto_insert_metric_name=False, save_last=True, save_top_k=-1,  # all kept
+        IterationCheckpoint(cfg["run"]["ckpt_every"], cfg["run"]["iterations"], dirpath=str(run_dir / "checkpoints"),
+                            filename="it{iteration:07d}", auto_insert_metric_name=False, save_last=True, save_top_k=-1,  # all kept
                             enable_version_counter=False),  # "last" is one file, never last-v1
         RunLength(cfg),
         RunRecord(cfg),

@@ -364,7 +364,58 @@ def suite_tangent(args) -> tuple[dict, list[dict]]:
              f"{torch.get_num_threads()}, median of 10, interleaved.", "",
              "| tangent | time (s) | / fd |", "|---|---|---|"]
     lines += [f"| {r['mode']} | {r['median_s']:.3f} | {r['vs_fd']:.2f} |" for r in rows]
-    return {"rows": rows, "table": "\n".join(lines)}, []
+    its = _iteration_cost(("jvp", "fd"))
+    lines += ["", "A whole training iteration of each project's default config (every role of one schedule cycle "
+              "after the warm-up: loss, backward), batch 32, median of 5, interleaved.", "",
+              "| project | tangent | iteration (s) | / fd |", "|---|---|---|---|"]
+    lines += [f"| {r['project']} | {r['mode']} | {r['median_s']:.3f} | {r['vs_fd']:.2f} |" for r in its]
+    return {"rows": rows, "iterations": its, "table": "\n".join(lines)}, []
+
+
+def _iteration_cost(modes, repeats: int = 5) -> list[dict]:
+    """Seconds per training iteration of each method project whose config has a ``module.tangent``,
+    with each tangent mode: one module per mode from the project's config (``module.tangent``
+    overridden), every role of the main phase's cycle stepped once (its loss and backward) at an
+    iteration after the warm-up, on one batch of embedded digits."""
+    import dataclasses
+    import statistics
+
+    import torch
+
+    from common.config import build_module, load_config
+    from common.data.embedded import load_tensors
+
+    x, y = load_tensors("mnist", "train")
+    batch = (x[:32], y[:32], torch.arange(32))
+    rows = []
+    for name, project in sorted(projects("method").items()):
+        cfg_path = project.config
+        if "tangent" not in load_config(cfg_path).get("module", {}):
+            continue
+        mods = {m: build_module(load_config(cfg_path, [f"module.tangent={m}"])) for m in modes}
+        it = max(mods[modes[0]].schedule.phases[-2].until if len(mods[modes[0]].schedule.phases) > 1 else 0,
+                 mods[modes[0]].hparams.tangent_warmup) + 1
+        cycle = [r for group in mods[modes[0]].schedule.phases[-1].cycle for r in group]
+
+        def step(m):
+            for role in cycle:
+                ctx = dataclasses.replace(m.step_context(role, batch[2]), iteration=it,
+                                          phase=m.schedule.phases[-1].name)
+                m.zero_grad(set_to_none=True)
+                getattr(m, f"loss_{role}")(batch, ctx).loss.backward()
+
+        times = {m: [] for m in modes}
+        for m in modes:
+            step(mods[m])
+        for _ in range(repeats):
+            for m in modes:
+                t0 = time.perf_counter()
+                step(mods[m])
+                times[m].append(time.perf_counter() - t0)
+        med = {m: statistics.median(v) for m, v in times.items()}
+        rows += [{"project": name, "mode": m, "median_s": round(med[m], 4), "vs_fd": round(med[m] / med["fd"], 3)}
+                 for m in modes]
+    return rows
 
 
 SUITES = {"teacher": suite_teacher, "guidance": suite_guidance, "toy": suite_toy, "jvp": suite_jvp,

@@ -1,6 +1,8 @@
 """Measure quality under the pinned protocol (common/metrics/protocol.yaml) and write the figures as JSON.
 
   python launchers/evaluate.py teacher:mnist --steps 1 4 16 --out runs/eval/results.json
+  python launchers/evaluate.py runs/rcm/config/checkpoints/last.ckpt --times 1.5708,1.3,1.0,0.6 --seed 7   (a few-step
+      student at the listed times, from pi/2 down: one comma-separated list per sampler)
   python launchers/evaluate.py runs/swiftbrush/config/checkpoints/last.ckpt --steps 1   (-> runs/swiftbrush/config/eval/last-steps1-n1000-nocfg.json)
   python launchers/evaluate.py --samples runs/x/samples.npz          (images and labels in an .npz)
   python launchers/evaluate.py --build-reference                     (after retraining the classifier)
@@ -25,9 +27,11 @@ import torch  # noqa: E402
 from common.checkpoints import load_generator  # noqa: E402
 from common.evaluation import check_request, default_guidance, measure  # noqa: E402
 from common.metrics import evaluator  # noqa: E402
+from common.validation import steps_label  # noqa: E402
 
 
-def default_out(checkpoint: str, steps: list[int], num_samples: int, guidance: float | None) -> Path:
+def default_out(checkpoint: str, steps: list, num_samples: int, guidance: float | None,
+                seed: int | None = None) -> Path:
     """``<run>/eval/<checkpoint>-steps1-4-n1000-cfg1.5.json``: a name that carries the settings, beside
     the run's own results.json (never over it); teachers under runs/eval/."""
     cfg = "nocfg" if guidance is None else f"cfg{guidance:g}"
@@ -36,13 +40,25 @@ def default_out(checkpoint: str, steps: list[int], num_samples: int, guidance: f
     else:
         ck = Path(checkpoint)
         where, stem = (ck.parent.parent if ck.suffix == ".ckpt" else ck.parent) / "eval", ck.stem
-    return where / f"{stem}-steps{'-'.join(map(str, steps))}-n{num_samples}-{cfg}.json"
+    label = "-".join(str(n) if isinstance(n, int) else steps_label(n) for n in steps)
+    return where / f"{stem}-steps{label}-n{num_samples}-{cfg}{'' if seed is None else f'-seed{seed}'}.json"
+
+
+def time_list(text: str) -> list[float]:
+    """``"1.5708,1.3,1.0,0.6"`` -> the sampling times of a few-step sampler."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--times takes comma-separated numbers, got {text!r}") from None
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", nargs="?", help="teacher:<name>, a weights .pt or a run .ckpt")
     ap.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default: protocol's)")
+    ap.add_argument("--times", type=time_list, nargs="+", default=None,
+                    help="sampling-time lists of a few-step student, each comma-separated (after --steps)")
+    ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: the protocol's)")
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--guidance-mode", default=None, choices=["standard", "offset"])
     ap.add_argument("--no-guidance", action="store_true")
@@ -84,16 +100,17 @@ def main(argv=None) -> int:
             else:
                 guidance = default_guidance(gen)
             mode = args.guidance_mode or p["guidance_mode"]
-            steps = args.steps or p["step_counts"]
+            steps = (args.steps or ([] if args.times else p["step_counts"])) + (args.times or [])
             rows = []
             for n in steps:
                 r = measure(gen, n, guidance, dataset=args.dataset, mode=mode, sampler=args.sampler,
-                            num_samples=args.num_samples, progress=True)
+                            num_samples=args.num_samples, seed=args.seed, progress=True)
                 rows.append(r)
                 print(json.dumps(r))
-            results = {"source": args.checkpoint, "guidance_mode": mode, "results": rows}
+            results = {"source": args.checkpoint, "guidance_mode": mode, "seed": p["seed"] if args.seed is None
+                       else args.seed, "results": rows}
             out = Path(args.out) if args.out else default_out(args.checkpoint, steps, args.num_samples or
-                                                              p["num_samples"], guidance)
+                                                              p["num_samples"], guidance, args.seed)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

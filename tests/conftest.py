@@ -40,3 +40,20 @@ def tiny_teacher(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "tiny_dit.pt"
     save_weights(path, TINY_DIT, net.state_dict(), {"note": "random weights, tests only"})
     return str(path)
+
+
+@pytest.fixture
+def attention_jvp_calls(monkeypatch):
+    """A list that grows by one each time an attention's tangent goes through common/kernels'
+    _TangentAttention (the F3 route; plain math attention's JVP through sdpa fails on the CPU)."""
+    from common.kernels import attention_jvp
+
+    calls = []
+    original = attention_jvp._TangentAttention.jvp
+
+    def counting(ctx, *tangents):
+        calls.append(ctx)
+        return original(ctx, *tangents)
+
+    monkeypatch.setattr(attention_jvp._TangentAttention, "jvp", staticmethod(counting))
+    return calls

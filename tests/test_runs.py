@@ -251,6 +251,7 @@ def test_bad_config_files_get_file_line_and_column(tmp_path, capsys):
     (["teacher:mnist", "--num-samples", "1"], "--num-samples must be at least 10, got 1"),
     (["teacher:mnist", "--dataset", "nope"], "no evaluation protocol for data set 'nope'"),
     (["teacher:nope"], "no embedded teacher 'nope' (embedded: mnist, 8gaussians, checkerboard)"),
+    (["teacher:mnist", "--times", "0.5,0.8"], "sampling times must be strictly decreasing"),
 ])
 def test_bad_evaluate_arguments_get_one_line_errors(argv, message, capsys):
     assert evaluate_launcher.main(argv) == 2
