@@ -39,14 +39,17 @@ class OneStepDistillation(DistillationModule):
         self.den = SimpleNamespace()
         self.noise_convention = None
 
-    def add_teacher_roles(self, teacher: str, critic: bool = True):
+    def add_teacher_roles(self, teacher: str, critic: bool = True, student_net=None):
         """The frozen teacher, the critic (if any) and the student copy of it, in that order. Returns the
-        teacher's Denoiser; the student and critic nets are ``self.roles[...].net``."""
+        teacher's Denoiser; the student and critic nets are ``self.roles[...].net``. ``student_net``
+        maps the copy to the student's network (a wrapper with extra modules), when given."""
         den = load_teacher(teacher)
         net = den.net
         self.sample_shape = sample_shape(net)
         self.add_role("teacher", net, teacher, trainable=False, source=den.source)
         student = copy.deepcopy(net).requires_grad_(True).train()  # before adapters join the teacher's net
+        if student_net is not None:
+            student = student_net(student).requires_grad_(True).train()
         if critic:
             self.add_critic(net)
         self.add_role("student", student, "teacher")

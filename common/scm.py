@@ -14,6 +14,7 @@ Units: a TrigFlow sample ``x_t = cos t x0 + sin t z``, ``z ~ N(0, sigma_d^2 I)``
   :func:`normalise` the per-sample ``g / (||g|| + c)``, :func:`nonfinite_rows` the rows to drop.
 - :func:`loss` is ``||F - sg(F) - g||^2`` per sample, summed (rCM) or averaged (SANA-Sprint) over
   elements, optionally with a per-sample weight and SANA-Sprint's adaptive log-variance.
+- :func:`student_loss` chains them: the whole sCM student loss of a batch, as both projects take it.
 """
 from __future__ import annotations
 
@@ -131,3 +132,21 @@ def time_from_sigma(sigma: Tensor, sigma_d: float) -> Tensor:
     """``t = atan(sigma / sigma_d)``: the TrigFlow time of an EDM noise level (``log sigma ~ N(mu, s^2)``
     is the sCM time law)."""
     return torch.atan(sigma / sigma_d)
+
+
+def student_loss(f: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t: Tensor, dxdt: Tensor, sigma_d: float, r: float,
+                 form: WarmupForm = "paper", mode: TangentMode = "jvp", h: float = 1e-4, impl: str = "torch",
+                 norm_c: float = 0.1, reduction: Literal["sum", "mean"] = "sum", weight: Tensor | None = None,
+                 logvar: Tensor | None = None) -> tuple[Tensor, dict]:
+    """The sCM student loss per sample ``(B,)`` at ``(x_t, t)`` along ``dx/dt = dxdt``: the tangent
+    (no grad), the grad forward ``F = f(x_t, t)``, the target with warm-up ratio ``r``, normalised per
+    sample; samples whose target or ``F`` is not finite are dropped (zero loss, no gradient). Also
+    returns ``{"nonfinite_rows", "J_norm"}`` to log."""
+    _, J = tangent(f, x_t, t, dxdt, mode, h, impl)
+    F = f(x_t, t)
+    g = target(F.detach(), dxdt, x_t, t, J, sigma_d, r, form)
+    bad = nonfinite_rows(g, F)
+    keep = append_dims((~bad).to(F.dtype), F.ndim)
+    g = normalise(torch.nan_to_num(g) * keep, norm_c)
+    per = loss(torch.nan_to_num(F) * keep, g, reduction, weight, logvar)
+    return per, {"nonfinite_rows": bad.float().sum(), "J_norm": J.flatten(1).norm(dim=1).mean()}

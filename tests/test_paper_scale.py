@@ -78,18 +78,69 @@ def wan_like(tmp_path_factory):
     np.savez(root / "prompts.npz", embeddings=rng.standard_normal((4, 5, 16)).astype(np.float16),
              null=rng.standard_normal((5, 16)).astype(np.float32))
 
-    def npy(a):
-        import io
-
-        buf = io.BytesIO()
-        np.save(buf, a)
-        return buf.getvalue()
-
     write_shards(root / "latents", "train", ({"__key__": f"{i:05d}",
-                                              "latent.npy": npy(rng.standard_normal((4, 3, 8, 8)).astype(np.float16)),
-                                              "text.npy": npy(rng.standard_normal((5, 16)).astype(np.float16))}
+                                              "latent.npy": _npy(rng.standard_normal((4, 3, 8, 8)).astype(np.float16)),
+                                              "text.npy": _npy(rng.standard_normal((5, 16)).astype(np.float16))}
                                              for i in range(8)))
     return root
+
+
+def _npy(a):
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sana_like(tmp_path_factory):
+    """A SANA-shaped text-to-image flow transformer with QK-norm (the Sprint teacher's), its flow
+    scheduler, a prompt file with the empty caption's embedding, and a few shards of latents."""
+    from common.data.shards import write_shards
+
+    root = tmp_path_factory.mktemp("sana")
+    torch.manual_seed(0)
+    model = diffusers.SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=3, num_attention_heads=2, attention_head_dim=8,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=8, qk_norm="rms_norm_across_heads")
+    model.save_pretrained(root / "model" / "transformer")
+    (root / "model" / "scheduler").mkdir(parents=True)
+    (root / "model" / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}))
+    rng = np.random.default_rng(0)
+    np.savez(root / "prompts.npz", embeddings=rng.standard_normal((4, 5, 16)).astype(np.float16),
+             null=rng.standard_normal((5, 16)).astype(np.float32))
+    write_shards(root / "latents", "train", ({"__key__": f"{i:05d}",
+                                              "latent.npy": _npy(rng.standard_normal((4, 8, 8)).astype(np.float16)),
+                                              "text.npy": _npy(rng.standard_normal((5, 16)).astype(np.float16))}
+                                             for i in range(8)))
+    return root
+
+
+def test_sana_sprints_student_is_the_teacher_with_a_zeroed_guidance_embedder(sana_like):
+    from common.config import ConfigError
+    from projects.sana_sprint.method import SanaSprint
+
+    kw = dict(teacher=f"diffusers:{sana_like / 'model'}", null_embedding=str(sana_like / "prompts.npz"),
+              disc_blocks=["transformer_blocks.0", "transformer_blocks.2"], require_qk_norm=True)
+    m = SanaSprint(**kw)
+    assert m.roles["student"].net.net.model.config.guidance_embeds and m.sample_shape == (4, 8, 8)
+    x, c, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16), torch.tensor([0.4, 1.2])
+    with torch.no_grad():
+        torch.testing.assert_close(m.den.student(x, t, {"c": c, "w": torch.tensor([4.0, 5.0])}), m.den.teacher(x, t, c))
+    assert sum(v.numel() for v in m.roles["discriminator"].net.parameters()) > 0
+    plain = sana_like / "plain"
+    if not plain.exists():
+        cfg = json.loads((sana_like / "model" / "transformer" / "config.json").read_text())
+        model = diffusers.SanaTransformer2DModel.from_config({**cfg, "qk_norm": None})
+        model.save_pretrained(plain / "transformer")
+        (plain / "scheduler").mkdir()
+        (plain / "scheduler" / "scheduler_config.json").write_text(
+            (sana_like / "model" / "scheduler" / "scheduler_config.json").read_text())
+    with pytest.raises(ConfigError, match="has no QK-norm"):
+        SanaSprint(**{**kw, "teacher": f"diffusers:{plain}"})
 
 
 def test_a_flow_matching_video_transformer_loads_as_a_flow_teacher(wan_like):
@@ -152,16 +203,22 @@ def test_swiftbrush_vp_student_is_the_eps_form_at_the_last_timestep(sd_like):
                        "module.sample_shape=[4,3,8,8]", "module.jvp_impl=torch", "data.batch_size=2",
                        "schedule.0.until=1", "module.tangent_warmup=1", "schedule.1.cycle=[[critic],[student]]",
                        "trainer.devices=1", "trainer.strategy=auto", "trainer.precision=32-true"]),
+    # SANA-Sprint: G (sCM with the JVP through the QK-norm transformer, and LADD), D, G
+    ("sana_sprint", lambda r: ["projects/sana_sprint/configs/sana_1.6b_1024px.yaml",
+                               f"module.teacher=diffusers:{r / 'model'}", f"module.null_embedding={r / 'prompts.npz'}",
+                               f"data.shards={r / 'latents'}", "module.sample_shape=[4,8,8]", "module.jvp_impl=torch",
+                               "module.disc_blocks=[transformer_blocks.0,transformer_blocks.2]", "data.batch_size=2",
+                               "trainer.devices=1", "trainer.strategy=auto", "trainer.precision=32-true"]),
 ])
-def test_paper_scale_config_trains_a_few_steps(project, overrides, sd_like, cifar_like, wan_like, tmp_path):
-    root = {"swiftbrush": sd_like, "uni_instruct": cifar_like, "rcm": wan_like}[project]
+def test_paper_scale_config_trains_a_few_steps(project, overrides, sd_like, cifar_like, wan_like, sana_like, tmp_path):
+    root = {"swiftbrush": sd_like, "uni_instruct": cifar_like, "rcm": wan_like, "sana_sprint": sana_like}[project]
     out = tmp_path / "run"
     run("launchers/fit.py", *overrides(root), "run.iterations=3", "trainer.log_every_n_steps=1",
         f"run.dir={out}", check=True)
     import csv
 
     rows = list(csv.DictReader(open(out / "metrics.csv")))
-    losses = [float(r[k]) for r in rows for k in ("student/loss", "critic/loss") if r.get(k)]
+    losses = [float(r[k]) for r in rows for k in ("student/loss", "critic/loss", "discriminator/loss") if r.get(k)]
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert len(losses) == ckpt["global_step"] >= 3 and all(np.isfinite(losses))  # one per optimizer step
     keys = list(ckpt["state_dict"])
@@ -173,7 +230,8 @@ def test_paper_scale_config_trains_a_few_steps(project, overrides, sd_like, cifa
 
 @pytest.mark.parametrize("project,config", [("swiftbrush", "configs/sd21_base.yaml"),
                                             ("uni_instruct", "configs/cifar10_ddpm.yaml"),
-                                            ("rcm", "configs/wan2.1_t2v_1.3b.yaml")])
+                                            ("rcm", "configs/wan2.1_t2v_1.3b.yaml"),
+                                            ("sana_sprint", "configs/sana_1.6b_1024px.yaml")])
 def test_reproduce_script_submits_the_paper_config_through_the_slurm_launcher(project, config):
     import subprocess
 

@@ -121,3 +121,10 @@ def test_the_sampler_sees_the_student_in_the_teachers_data_units_whatever_sigma_
                            cond=torch.arange(3), sampler="multistep", seed=0)
     assert out[1.0].abs().max() > 0.1
     torch.testing.assert_close(out[0.5], out[1.0], rtol=1e-4, atol=1e-4)
+
+
+def test_the_training_jvp_goes_through_the_f3_attention(tiny_teacher, attention_jvp_calls):
+    m = _module(tiny_teacher)
+    b = _batch(m)
+    m.loss_student(b, _ctx(m, "student", b, 1))  # warm-up: the sCM term alone
+    assert len(attention_jvp_calls) == len(m.roles["student"].net.blocks)

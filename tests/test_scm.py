@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from common import noise, scm
-from common.kernels import attention_jvp
 from common.sampling import generate
 from common.teachers.adapters import ConventionAdapter
 from common.teachers.denoiser import Denoiser
@@ -96,23 +95,15 @@ def test_the_finite_difference_tangents_agree_with_the_jvp_to_first_order_in_h()
         assert 5 < err[1e-4] / err[1e-5] < 20, (mode, err)  # O(h): ten times smaller h, ten times less error
 
 
-def test_the_jvp_goes_through_the_f3_attention(monkeypatch):
+def test_the_jvp_goes_through_the_f3_attention(attention_jvp_calls):
     """The route taken: every attention of the DiT passes its tangent through common/kernels'
     _TangentAttention (not plain math attention, whose JVP through sdpa fails on the CPU)."""
-    calls = []
-    original = attention_jvp._TangentAttention.jvp
-
-    def counting(ctx, *tangents):
-        calls.append(ctx)
-        return original(ctx, *tangents)
-
-    monkeypatch.setattr(attention_jvp._TangentAttention, "jvp", staticmethod(counting))
     trig, make = _student(torch.float32)
     x_t, t, y = _inputs(dtype=torch.float32)
     with torch.no_grad():
         dxdt = SD * trig.predict(x_t, t, y, kind="trigflow")
     scm.tangent(make(y), x_t, t, dxdt, "jvp")
-    assert len(calls) == TINY_DIT["depth"]
+    assert len(attention_jvp_calls) == TINY_DIT["depth"]
 
 
 def test_the_warm_up_forms_coincide_at_r_1_and_differ_before():

@@ -69,7 +69,9 @@ class DiT(nn.Module):
     """Input (B, C, H, W), time (B,) already scaled, class labels (B,) with ``num_classes`` as the
     null label for classifier-free guidance. Output has the input's shape.
 
-    ``forward(..., return_features=["block3", ...])`` also returns the named blocks' tokens.
+    ``forward(..., return_features=["block3", ...])`` also returns the named blocks' tokens;
+    ``embed`` (B, dim), when given, is added to the time and label embedding (a student's extra
+    conditioning, e.g. SANA-Sprint's guidance embedding).
     """
 
     def __init__(self, image_size: int = 32, in_channels: int = 1, patch_size: int = 4, dim: int = 192,
@@ -101,11 +103,14 @@ class DiT(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x_B_C_H_W: Tensor, t_B: Tensor, y_B: Tensor, return_features: list[str] | None = None):
+    def forward(self, x_B_C_H_W: Tensor, t_B: Tensor, y_B: Tensor, return_features: list[str] | None = None,
+                embed: Tensor | None = None):
         p = self.patch_size
         h = rearrange(x_B_C_H_W, "b c (gh p1) (gw p2) -> b (gh gw) (c p1 p2)", p1=p, p2=p)
         h = self.patch_embed(h) + self.pos_embed
         c = self.t_embed(timestep_embedding(t_B, 256).to(h.dtype)) + self.y_embed(y_B)
+        if embed is not None:
+            c = c + embed.to(c.dtype)
         mod = self.adaln(c).unflatten(1, (6, -1))
         feats = {}
         for i, blk in enumerate(self.blocks):

@@ -108,7 +108,7 @@ class Guided(nn.Module):
         if self.is_identity:
             return self.denoiser(x, t, cond)
         t = torch.as_tensor(t, device=x.device, dtype=x.dtype).expand(x.shape[0])
-        both = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(cond, self.denoiser.null_cond(cond)))
+        both = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), cat_cond(cond, self.denoiser.null_cond(cond)))
         c, u = both.chunk(2)
         return cfg_combine(c, u, self.scale, self.mode)
 
@@ -119,9 +119,9 @@ class Guided(nn.Module):
     x0_eps = Denoiser.x0_eps
 
 
-def _cat_cond(c, u):
+def cat_cond(c, u):
     if isinstance(c, Tensor):
         return torch.cat([c, u])
     if isinstance(c, dict):
-        return {k: _cat_cond(c[k], u[k]) for k in c}
+        return {k: cat_cond(c[k], u[k]) for k in c}
     raise TypeError(f"cannot batch a condition of type {type(c).__name__}")

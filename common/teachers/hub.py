@@ -44,8 +44,12 @@ class DiffusersNet(nn.Module):
         self.class_conditioned = bool(getattr(cfg, "num_class_embeds", None)) or \
             getattr(cfg, "class_embed_type", None) is not None
 
-    def forward(self, x: Tensor, t: Tensor, cond=None, return_features: list[str] | None = None):
+    def forward(self, x: Tensor, t: Tensor, cond=None, return_features: list[str] | None = None,
+                guidance: Tensor | None = None):
+        """``guidance`` (B,): the guidance input of a transformer built with ``guidance_embeds``
+        (SANA-Sprint's student), passed as given."""
         feats, hooks = {}, []
+        extra = {} if guidance is None else {"guidance": guidance}
         for name in return_features or ():
             module = dict(self.model.named_modules()).get(name)
             if module is None:
@@ -54,7 +58,7 @@ class DiffusersNet(nn.Module):
                 lambda _m, _i, out, name=name: feats.__setitem__(name, out[0] if isinstance(out, tuple) else out)))
         try:
             if self.kind in TRANSFORMERS:
-                out = self.model(x, encoder_hidden_states=cond, timestep=t, return_dict=False)[0]
+                out = self.model(x, encoder_hidden_states=cond, timestep=t, return_dict=False, **extra)[0]
             elif self.text_conditioned:
                 out = self.model(x, t, encoder_hidden_states=cond, return_dict=False)[0]
             elif self.class_conditioned:
