@@ -14,7 +14,9 @@ COMMON = ["trainer.log_every_n_steps=1", "trainer.val_check_interval=1000", "val
           "run.ckpt_every=1000", "data.batch_size=4"]
 EXTRA = {"uni_instruct": ["schedule.0.until=2", "schedule.1.until=4", "module.feature_block=block3"],
          # the tangent warm-up, then critic and student (with the DMD term) alternating
-         "rcm": ["schedule.0.until=2", "module.tangent_warmup=2", "schedule.1.cycle=[[critic],[student]]"]}
+         "rcm": ["schedule.0.until=2", "module.tangent_warmup=2", "schedule.1.cycle=[[critic],[student]]"],
+         # G and D alternating, the tangent warm-up ending inside the run
+         "sana_sprint": ["module.tangent_warmup=2", "module.disc_blocks=[block1,block3]"]}
 STOP, END = 3, 6  # iterations
 
 
@@ -36,7 +38,7 @@ def test_stopped_and_resumed_run_logs_the_same_losses(project, tmp_path, tiny_te
     assert "Restoring states from the checkpoint" in p.stdout + p.stderr
     assert f"resuming at iteration {STOP}" in p.stdout
     a, b = _rows(full), _rows(part)
-    assert {k for _, k in a} >= {"student/loss", "critic/loss"}
+    assert "student/loss" in {k for _, k in a} and len({k for _, k in a}) >= 2  # the student and another role
     assert sorted(a) == sorted(b)
     for key in a:
         assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), key
