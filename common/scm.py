@@ -15,6 +15,8 @@ Units: a TrigFlow sample ``x_t = cos t x0 + sin t z``, ``z ~ N(0, sigma_d^2 I)``
 - :func:`loss` is ``||F - sg(F) - g||^2`` per sample, summed (rCM) or averaged (SANA-Sprint) over
   elements, optionally with a per-sample weight and SANA-Sprint's adaptive log-variance.
 - :func:`student_loss` chains them: the whole sCM student loss of a batch, as both projects take it.
+- :func:`dense_phase_end` checks the ``dense`` schedule phase that fits a student with a rescaled
+  time input (SANA-Sprint's dense time embedding) to the teacher before sCM starts.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from common.noise import append_dims
 TangentMode = Literal["jvp", "fd_t", "fd"]
 WarmupForm = Literal["paper", "code", "code_v0"]
 TANGENT_MODES = ("jvp", "fd_t", "fd")
+DENSE_PHASE = "dense"  # the schedule phase that fits the student to its dense time embedding
 WARMUP_FORMS = ("paper", "code", "code_v0")
 
 
@@ -150,3 +153,29 @@ def student_loss(f: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t: Tensor, 
     g = normalise(torch.nan_to_num(g) * keep, norm_c)
     per = loss(torch.nan_to_num(F) * keep, g, reduction, weight, logvar)
     return per, {"nonfinite_rows": bad.float().sum(), "J_norm": J.flatten(1).norm(dim=1).mean()}
+
+
+def dense_phase_end(phases: dict, student_time_scale: float | None, teacher_time_scale: float) -> int:
+    """The iteration at which the schedule's ``dense`` phase ends (0 without one), checked against
+    ``module.student_time_scale``: a student that reads its time at another scale than the teacher
+    (the dense time embedding: ``s`` where the teacher reads ``1000 s``) is no longer the teacher's
+    function and needs that phase to be fitted back to it; the phase without the rescaling is an error."""
+    from common.config import ConfigError
+
+    dense = student_time_scale is not None and student_time_scale != teacher_time_scale
+    if dense and DENSE_PHASE not in phases:
+        raise ConfigError(f"module.student_time_scale={student_time_scale} differs from the teacher's time scale "
+                          f"{teacher_time_scale}: the schedule needs a {DENSE_PHASE!r} phase that fits the student to it")
+    if DENSE_PHASE in phases and not dense:
+        raise ConfigError(f"the schedule's {DENSE_PHASE!r} phase needs module.student_time_scale different from "
+                          f"the teacher's {teacher_time_scale}")
+    return phases[DENSE_PHASE].until if dense else 0
+
+
+def dense_loss(student: Callable[[Tensor, Tensor], Tensor], teacher: Callable[[Tensor, Tensor], Tensor], x_t: Tensor,
+               t: Tensor) -> Tensor:
+    """The ``dense`` phase's loss: the mean square of the student's ``F`` (at its own time scale)
+    against the frozen teacher's ``F`` (no gradient) at ``(x_t, t)``."""
+    with torch.no_grad():
+        target = teacher(x_t, t)
+    return (student(x_t, t) - target).float().pow(2).mean()

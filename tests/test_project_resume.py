@@ -14,9 +14,9 @@ COMMON = ["trainer.log_every_n_steps=1", "trainer.val_check_interval=1000", "val
           "run.ckpt_every=1000", "data.batch_size=4"]
 EXTRA = {"uni_instruct": ["schedule.0.until=2", "schedule.1.until=4", "module.feature_block=block3"],
          # the tangent warm-up, then critic and student (with the DMD term) alternating
-         "rcm": ["schedule.0.until=2", "module.tangent_warmup=2", "schedule.1.cycle=[[critic],[student]]"],
-         # G and D alternating, the tangent warm-up ending inside the run
-         "sana_sprint": ["module.tangent_warmup=2", "module.disc_blocks=[block1,block3]"]}
+         "rcm": ["schedule.0.until=1", "schedule.1.until=3", "module.tangent_warmup=2", "schedule.2.cycle=[[critic],[student]]"],
+         # the dense phase, then G and D alternating, the tangent warm-up ending inside the run
+         "sana_sprint": ["schedule.0.until=2", "module.tangent_warmup=2", "module.disc_blocks=[block1,block3]"]}
 STOP, END = 3, 6  # iterations
 
 

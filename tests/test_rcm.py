@@ -15,7 +15,7 @@ SCHEDULE = [{"name": "warmup", "until": 2, "cycle": [["student"]]},
 
 def _module(tiny_teacher, **kw):
     torch.manual_seed(0)
-    return RCM(teacher=tiny_teacher, tangent_warmup=2, schedule=SCHEDULE, **kw)
+    return RCM(teacher=tiny_teacher, **{"tangent_warmup": 2, "schedule": SCHEDULE, **kw})
 
 
 def _batch(m, n=4):
@@ -75,13 +75,13 @@ def test_a_fit_of_a_few_iterations_trains_both_roles_and_samples_in_four_steps(t
 
     d = tmp_path / "run"
     assert fit.main(["projects/rcm/config.yaml", f"module.teacher={tiny_teacher}", f"run.dir={d}",
-                     "run.iterations=5", "schedule.0.until=2", "module.tangent_warmup=2",
-                     "schedule.1.cycle=[[critic],[student]]", "data.batch_size=4", "validation.steps=[]",
+                     "run.iterations=5", "schedule.0.until=1", "schedule.1.until=2", "module.tangent_warmup=1",
+                     "schedule.2.cycle=[[critic],[student]]", "data.batch_size=4", "validation.steps=[]",
                      "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=2"]) == 0
     import csv
 
     # a flush to metrics.csv holds the roles that stepped since the last flush, each at its latest value:
-    # iterations 0-1 the student alone (warm-up), 2-3 the critic and the student
+    # iterations 0-1 the student alone (the dense phase, the warm-up), 2-3 the critic and the student
     rows = [{k: v for k, v in r.items() if v and k.endswith("/loss")} for r in csv.DictReader(open(d / "metrics.csv"))
             if r.get("step")]
     assert [sorted(r) for r in rows[:2]] == [["student/loss"], ["critic/loss", "student/loss"]]
@@ -91,7 +91,8 @@ def test_a_fit_of_a_few_iterations_trains_both_roles_and_samples_in_four_steps(t
 
     state = read(d / "checkpoints" / "last.ckpt")
     assert state["global_step"] == 5 and state["distill"]["iteration"] == 5
-    m = _module(tiny_teacher)
+    m = _module(tiny_teacher, student_time_scale=1.0, tangent_warmup=1,
+                schedule=[{"name": "dense", "until": 1, "cycle": [["student"]]}, *SCHEDULE])
     m.load_state_dict(state["state_dict"])
     x = generate(m.generator_denoiser(), (3, *m.sample_shape), [math.pi / 2, 1.3, 1.0, 0.6], cond=torch.arange(3),
                  sampler="multistep", seed=0)
@@ -102,6 +103,44 @@ def test_a_fit_of_a_few_iterations_trains_both_roles_and_samples_in_four_steps(t
 def test_the_warm_up_phase_must_match_the_tangent_warm_up(tiny_teacher):
     with pytest.raises(ConfigError, match="tangent_warmup=5 but the schedule's warmup phase ends at 2"):
         RCM(teacher=tiny_teacher, tangent_warmup=5, schedule=SCHEDULE)
+
+
+def test_a_dense_student_is_fitted_first_and_the_warm_up_and_dmd_count_from_there(tiny_teacher):
+    from common.rng import Purpose
+
+    dense = [{"name": "dense", "until": 3, "cycle": [["student"]]}, {"name": "warmup", "until": 5, "cycle": [["student"]]},
+             {"name": "main", "cycle": [["critic"], ["student"]]}]
+    m = _module(tiny_teacher, student_time_scale=1.0, schedule=dense)
+    with torch.no_grad():  # the same non-trivial weights in both (the tiny teacher's output layers are zero)
+        for net in (m.roles["teacher"].net, m.roles["student"].net):
+            torch.manual_seed(3)
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    x, y, pos = b = _batch(m)
+    seen = []
+    hooks = [net.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone()))
+             for net in (m.roles["student"].net, m.ema.ema_model)]
+    t = torch.tensor([0.3, 0.8, 1.2, 1.5])
+    with torch.no_grad():
+        m.generator_denoiser()(x, t, y)  # the EMA copy the sampler sees
+        m.generate(x, y)  # the live student, at pi/2
+    [h.remove() for h in hooks]
+    torch.testing.assert_close(seen[0], torch.sin(t) / (torch.sin(t) + torch.cos(t)))  # flow time s, not 1000 s
+    torch.testing.assert_close(seen[1], torch.ones(4))
+    ctx = _ctx(m, "student", b, 1)
+    step = m.loss_student(b, ctx)
+    td = m._t_G(ctx, pos)
+    x_t = m._noised(m.data_scale * x, td, ctx.randn(Purpose.NOISE, m.sample_shape, pos))
+    with torch.no_grad():
+        want = (m.den.student.predict(x_t, td, y, kind="trigflow")
+                - m.den.conditional.predict(x_t, td, y, kind="trigflow")).pow(2).mean()
+    assert ctx.phase == "dense" and "student/scm" not in step.logs and want > 1e-3
+    torch.testing.assert_close(step.loss.detach(), want)
+    warm, late = m.loss_student(b, _ctx(m, "student", b, 4)), m.loss_student(b, _ctx(m, "student", b, 6))
+    assert warm.logs["student/tangent_r"] == 0.5 and "student/dmd" not in warm.logs
+    assert late.logs["student/tangent_r"] == 1.0 and "student/dmd" in late.logs
+    with pytest.raises(ConfigError, match="ends at 4, not 5: the DMD term and the critic start after the dense phase"):
+        _module(tiny_teacher, student_time_scale=1.0, schedule=[dense[0], {**dense[1], "until": 4}, dense[2]])
 
 
 def test_the_sampler_sees_the_student_in_the_teachers_data_units_whatever_sigma_d(tiny_teacher):

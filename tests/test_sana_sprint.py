@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from common.config import ConfigError
+from common.rng import Purpose
 from projects.sana_sprint.method import SanaSprint
 
 BLOCKS = ["block1", "block3"]  # the tiny teacher has four blocks
@@ -149,6 +150,44 @@ def test_bad_settings_are_refused(tiny_teacher):
         m.loss_discriminator(b, _ctx(m, "discriminator", b, 1))
 
 
+DENSE = [{"name": "dense", "until": 3, "cycle": [["student"]]},
+         {"name": "main", "cycle": [["student"], ["discriminator"]]}]
+
+
+def test_the_dense_phase_fits_the_student_at_its_own_time_scale_to_the_teacher(tiny_teacher):
+    m = _module(tiny_teacher, student_time_scale=1.0, schedule=DENSE, tangent_warmup=4)
+    for net in (m.roles["teacher"].net, m.roles["student"].net.net):  # the same non-trivial weights in both
+        _perturb(net)
+    seen = []
+    hooks = [net.net.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone()))
+             for net in (m.roles["student"].net, m.ema.ema_model)]
+    x, y, pos = b = _batch(m)
+    t = torch.tensor([0.3, 0.8, 1.2, 1.5])
+    with torch.no_grad():
+        m.den.student(x, t, {"c": y, "w": torch.ones(4)})
+        m.generator_denoiser()(x, t, y)
+    s = torch.sin(t) / (torch.sin(t) + torch.cos(t))  # the flow time of TrigFlow's t
+    assert m.den.flow.time_scale == 1000.0
+    torch.testing.assert_close(seen[0], s)  # the live student reads s itself (dense), the teacher 1000 s
+    torch.testing.assert_close(seen[1], s)  # and so does the EMA copy the sampler sees
+    [h.remove() for h in hooks]
+    ctx = dataclasses.replace(m.step_context("student", pos), iteration=1, phase="dense")
+    step = m.loss_student(b, ctx)
+    td = m._t_of(ctx, pos, Purpose.TIME, m.hparams.p_mean, m.hparams.p_std)
+    x_t = m._noised(0.5 * x, td, ctx.randn(Purpose.NOISE, m.sample_shape, pos))
+    with torch.no_grad():
+        want = (m.den.student.predict(x_t, td, {"c": y, "w": m._w(ctx, pos)}, kind="trigflow")
+                - m.den.teacher.predict(x_t, td, y, kind="trigflow")).pow(2).mean()
+    torch.testing.assert_close(step.loss.detach(), want)
+    assert want > 1e-3  # the rescaled time input makes the copy differ from the teacher until it is fitted
+    main = m.loss_student(b, dataclasses.replace(ctx, iteration=5, phase="main"))
+    assert main.logs["student/tangent_r"] == 0.5  # the tangent warm-up counts from the end of the dense phase
+    with pytest.raises(ConfigError, match="needs a 'dense' phase"):
+        _module(tiny_teacher, student_time_scale=1.0)
+    with pytest.raises(ConfigError, match="student_time_scale different"):
+        _module(tiny_teacher, schedule=DENSE)
+
+
 def test_a_fit_updates_the_ema_and_samples_in_one_and_four_steps(tiny_teacher, tmp_path):
     import csv
 
@@ -158,18 +197,19 @@ def test_a_fit_updates_the_ema_and_samples_in_one_and_four_steps(tiny_teacher, t
 
     d = tmp_path / "run"
     assert fit.main(["projects/sana_sprint/config.yaml", f"module.teacher={tiny_teacher}", f"run.dir={d}",
-                     "run.iterations=4", "run.ckpt_every=3", "module.tangent_warmup=2", "module.adaptive_weight=true",
-                     f"module.disc_blocks={BLOCKS}",
+                     "run.iterations=5", "run.ckpt_every=3", "schedule.0.until=1", "module.tangent_warmup=2",
+                     "module.adaptive_weight=true", f"module.disc_blocks={BLOCKS}",
                      "data.batch_size=4", "validation.steps=[]", "trainer.enable_progress_bar=false",
                      "trainer.log_every_n_steps=1"]) == 0
     rows = [r for r in csv.DictReader(open(d / "metrics.csv")) if r.get("step")]
     assert [sorted(k for k, v in r.items() if v and k.endswith("/loss")) for r in rows] == \
-        [["student/loss"], ["discriminator/loss"]] * 2
+        [["student/loss"]] + [["student/loss"], ["discriminator/loss"]] * 2  # the dense phase, then G, D, G, D
+    assert rows[0]["student/dense_mse"] and not rows[1]["student/dense_mse"] and rows[1]["student/scm"]
     state = read(d / "checkpoints" / "last.ckpt")
     # last.ckpt is the final state (the weights the final figures measure), not the last periodic one
-    assert state["distill"]["iteration"] == 4 and sorted(p.name for p in (d / "checkpoints").glob("it*")) == \
-        ["it0000003.ckpt", "it0000004.ckpt"]
-    m = _module(tiny_teacher)
+    assert state["distill"]["iteration"] == 5 and sorted(p.name for p in (d / "checkpoints").glob("it*")) == \
+        ["it0000003.ckpt", "it0000005.ckpt"]
+    m = _module(tiny_teacher, student_time_scale=1.0, schedule=DENSE)
     fresh = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("ema.")}
     m.load_state_dict(state["state_dict"])
     moved = [k for k, v in fresh.items() if not torch.equal(v, m.state_dict()[k])]

@@ -52,10 +52,11 @@ class Denoiser(nn.Module):
         null = self.null_cond(cond)
         return torch.where(mask.view(-1, *([1] * (cond.ndim - 1))), null, cond)
 
-    def with_net(self, net: nn.Module) -> "Denoiser":
-        """The same convention, prediction, time scale and null condition around another network
-        (a student or critic initialised from this teacher)."""
-        return Denoiser(net, self.convention, self.prediction, self.time_scale, self.null_label)
+    def with_net(self, net: nn.Module, time_scale: float | None = None) -> "Denoiser":
+        """The same convention, prediction, time scale (unless ``time_scale`` is given) and null
+        condition around another network (a student or critic initialised from this teacher)."""
+        return Denoiser(net, self.convention, self.prediction, self.time_scale if time_scale is None else time_scale,
+                        self.null_label)
 
     def level(self, t: Tensor) -> noise.NoiseLevel:
         return self.convention.level(t)

@@ -83,8 +83,9 @@ class HubDenoiser(Denoiser):
             return self.null_embedding.to(cond).expand_as(cond)
         return super().null_cond(cond)
 
-    def with_net(self, net: nn.Module) -> "HubDenoiser":
-        return HubDenoiser(net, self.convention, self.prediction, self.null_embedding, self.time_scale)
+    def with_net(self, net: nn.Module, time_scale: float | None = None) -> "HubDenoiser":
+        return HubDenoiser(net, self.convention, self.prediction, self.null_embedding,
+                           self.time_scale if time_scale is None else time_scale)
 
 
 def _resolve(spec: str) -> Path:

@@ -51,7 +51,7 @@ class RCM(OneStepDistillation):
                  warmup_form: scm.WarmupForm = "paper", tangent_warmup: int = 1000, norm_c: float = 0.1,
                  reduction: Literal["sum", "mean"] = "mean", scm_weight: float = 1.0, dmd_weight: float = 0.01,
                  backsim_steps: int = 4, dmd_fixed_times: list | None = None, sample_shape: list | None = None,
-                 null_embedding: str | None = None, **base):
+                 null_embedding: str | None = None, student_time_scale: float | None = None, **base):
         super().__init__(**base)
         self.save_hyperparameters()
         den = self.add_teacher_roles(teacher)
@@ -69,13 +69,16 @@ class RCM(OneStepDistillation):
         self.noise_convention = noise.TrigFlow(den.convention.data_scale)
         self.den.flow = den
         self.den.teacher = ConventionAdapter(Guided(den, guidance, guidance_mode), conv)
-        self.den.student = ConventionAdapter(den.with_net(self.roles["student"].net), conv)
+        self.den.conditional = ConventionAdapter(den, conv)  # unguided: the dense phase's target
+        self.den.student = ConventionAdapter(den.with_net(self.roles["student"].net, student_time_scale), conv)
         self.den.fake = ConventionAdapter(den.with_net(self.roles["critic"].net), conv)
-        self.den.with_net = lambda net: ConventionAdapter(den.with_net(net), conv)
         phases = {p.name: p for p in self.schedule.phases} if self._schedule is not None else {}
-        if "warmup" in phases and phases["warmup"].until != tangent_warmup:
+        self.dense_until = scm.dense_phase_end(phases, student_time_scale, den.time_scale)
+        self.dmd_from = self.dense_until + tangent_warmup
+        if "warmup" in phases and phases["warmup"].until != self.dmd_from:
             raise ConfigError(f"module.tangent_warmup={tangent_warmup} but the schedule's warmup phase ends at "
-                              f"{phases['warmup'].until}: the DMD term and the critic start after the tangent warm-up")
+                              f"{phases['warmup'].until}, not {self.dmd_from}: the DMD term and the critic start after "
+                              f"the {'dense phase and the ' if self.dense_until else ''}tangent warm-up")
         # the effective standard scale, logged (rcm.md section 7)
         self.standard_guidance = 1.0 + guidance if guidance_mode == "offset" else guidance
 
@@ -118,24 +121,32 @@ class RCM(OneStepDistillation):
 
     def generate(self, z, y, net=None):
         """One step from pure noise ``x = sigma_d z`` at ``t = pi/2``."""
-        den = self.den.student if net is None else self.den.with_net(net)
+        den = self.den.student if net is None else \
+            ConventionAdapter(self.den.flow.with_net(net, self.hparams.student_time_scale), self.trig)
         t = torch.full((len(z),), HALF_PI, device=z.device)
         return den(self.hparams.sigma_d * z, t, y)
 
     def generator_denoiser(self):
         """The EMA student in TrigFlow, for the few-step sampler, in the teacher's data units."""
-        return ConventionAdapter(self.den.flow.with_net(self.ema.ema_model), self.noise_convention)
+        return ConventionAdapter(self.den.flow.with_net(self.ema.ema_model, self.hparams.student_time_scale),
+                                 self.noise_convention)
 
     # ---------------------------------------------------------------- steps
     def loss_student(self, batch, ctx):
         h = self.hparams
         x0, y, pos = batch
+        if ctx.phase == scm.DENSE_PHASE:  # the student's rescaled time input fitted to the teacher
+            t = self._t_G(ctx, pos)
+            x_t = self._noised(self.data_scale * x0, t, ctx.randn(Purpose.NOISE, self.sample_shape, pos))
+            loss = scm.dense_loss(lambda x, tt: self.den.student.predict(x, tt, y, kind="trigflow"),
+                                  lambda x, tt: self.den.conditional.predict(x, tt, y, kind="trigflow"), x_t, t)
+            return RoleStep(loss, {"student/dense_mse": loss.detach()})
         loss, logs = x0.new_zeros(()), {"student/cfg_standard_scale": self.standard_guidance}
         if h.scm_weight > 0:  # off: the DMD-only ablation (no tangent computed)
             l_scm, scm_logs = self._scm(self.data_scale * x0, y, pos, ctx)  # TrigFlow's x0 = sigma_d y
             loss = loss + h.scm_weight * l_scm
             logs.update({"student/scm": l_scm.detach(), **scm_logs})
-        if ctx.iteration >= h.tangent_warmup and h.dmd_weight > 0:
+        if ctx.iteration >= self.dmd_from and h.dmd_weight > 0:
             l_dmd, g_norm = self._dmd(y, pos, ctx)
             loss = loss + h.dmd_weight * l_dmd
             logs.update({"student/dmd": l_dmd.detach(), "student/dmd_g_norm": g_norm})
@@ -149,7 +160,7 @@ class RCM(OneStepDistillation):
         with torch.no_grad():
             dxdt = h.sigma_d * self.den.teacher.predict(x_t, t, y, kind="trigflow")
         f = lambda x, tt: self.den.student.predict(x, tt, y, kind="trigflow")  # noqa: E731
-        r = scm.warmup_ratio(ctx.iteration, h.tangent_warmup)
+        r = scm.warmup_ratio(ctx.iteration - self.dense_until, h.tangent_warmup)
         per, logs = scm.student_loss(f, x_t, t, dxdt, h.sigma_d, r, h.warmup_form, h.tangent, h.fd_h, h.jvp_impl,
                                      h.norm_c, h.reduction)
         return per.mean(), {"student/tangent_r": float(r), **{f"student/{k}": v for k, v in logs.items()}}

@@ -74,6 +74,7 @@ class SanaSprint(OneStepDistillation):
                  scm_weight: float = 1.0, adv_weight: float = 0.5, disc_blocks: list | None = None,
                  disc_hidden: int = 128, disc_pool: bool = False, misaligned: bool = True,
                  logvar_lr: float | None = None, require_qk_norm: bool = False, null_embedding: str | None = None,
+                 student_time_scale: float | None = None,
                  sample_shape: list | None = None, **base):
         super().__init__(**base)
         self.save_hyperparameters()
@@ -100,10 +101,11 @@ class SanaSprint(OneStepDistillation):
         self.noise_convention = noise.TrigFlow(den.convention.data_scale)
         self.den.flow = den
         self.den.teacher = ConventionAdapter(den, conv)  # unguided: the guidance is per sample (_teacher_dxdt)
-        self.den.student = ConventionAdapter(den.with_net(self.roles["student"].net), conv)
+        self.den.student = ConventionAdapter(self._student_den(self.roles["student"].net), conv)
         phases = {p.name: p for p in self.schedule.phases} if self._schedule is not None else {}
         if "warmup" in phases:
             raise ConfigError("SANA-Sprint has no warm-up phase: the tangent warm-up is module.tangent_warmup")
+        self.dense_until = scm.dense_phase_end(phases, student_time_scale, den.time_scale)
 
     def param_groups(self, name, params):
         """``logvar_lr``: the log-variance head at its own learning rate (it must reach ``log E[w d]``,
@@ -113,6 +115,11 @@ class SanaSprint(OneStepDistillation):
         head = {id(p) for p in self.roles["student"].net.logvar_head.parameters()}
         return [([p for p in params if id(p) not in head], {}),
                 ([p for p in params if id(p) in head], {"lr": self.hparams.logvar_lr})]
+
+    def _student_den(self, net):
+        """The student's denoiser: the teacher's wrapper, at ``student_time_scale`` when set (the dense
+        time embedding: ``1`` reads the flow time ``s`` itself where the teacher reads ``1000 s``)."""
+        return self.den.flow.with_net(net, self.hparams.student_time_scale)
 
     # ---------------------------------------------------------------- draws
     def _t_of(self, ctx, pos, purpose, mean, std):
@@ -158,14 +165,14 @@ class SanaSprint(OneStepDistillation):
     def generate(self, z, y, net=None):
         """One step from pure noise ``x = sigma_d z`` at ``t = pi/2``, at ``guidance_sample``."""
         h = self.hparams
-        den = self.den.student if net is None else ConventionAdapter(self.den.flow.with_net(net), self.trig)
+        den = self.den.student if net is None else ConventionAdapter(self._student_den(net), self.trig)
         t = torch.full((len(z),), HALF_PI, device=z.device)
         return den(h.sigma_d * z, t, {"c": y, "w": torch.full((len(z),), h.guidance_sample, device=z.device)})
 
     def generator_denoiser(self):
         """The EMA student at ``guidance_sample``, in TrigFlow at the teacher's data scale (the few-step
         sampler's times, samples in the teacher's units)."""
-        ema = WithGuidance(self.den.flow.with_net(self.ema.ema_model), self.hparams.guidance_sample)
+        ema = WithGuidance(self._student_den(self.ema.ema_model), self.hparams.guidance_sample)
         return ConventionAdapter(ema, self.noise_convention)
 
     # ---------------------------------------------------------------- steps
@@ -178,7 +185,7 @@ class SanaSprint(OneStepDistillation):
         dxdt = self._teacher_dxdt(x_t, t, y, w)
         cond = {"c": y, "w": w}
         f = lambda x, tt: self.den.student.predict(x, tt, cond, kind="trigflow")  # noqa: E731
-        r = scm.warmup_ratio(ctx.iteration, h.tangent_warmup)
+        r = scm.warmup_ratio(ctx.iteration - self.dense_until, h.tangent_warmup)
         weight = logvar = None
         if h.adaptive_weight:
             weight, logvar = scm.sana_weight(t, h.sigma_d), self.roles["student"].net.logvar(t)
@@ -189,11 +196,24 @@ class SanaSprint(OneStepDistillation):
             logs["student/logvar"] = logvar.detach().mean()
         return per.mean(), logs
 
+    def _dense(self, x0, y, w, ctx, pos):
+        """The dense phase (the embedded analogue of the paper's dense-time teacher fine-tune): the
+        student's ``F`` at its own time scale fitted to the frozen teacher's conditional ``F`` at ``t ~ p_G``."""
+        h = self.hparams
+        t = self._t_of(ctx, pos, Purpose.TIME, h.p_mean, h.p_std)
+        x_t = self._noised(x0, t, ctx.randn(Purpose.NOISE, self.sample_shape, pos))
+        cond = {"c": y, "w": w}
+        loss = scm.dense_loss(lambda x, tt: self.den.student.predict(x, tt, cond, kind="trigflow"),
+                              lambda x, tt: self.den.teacher.predict(x, tt, y, kind="trigflow"), x_t, t)
+        return RoleStep(loss, {"student/dense_mse": loss.detach()})
+
     def loss_student(self, batch, ctx):
         h = self.hparams
         x, y, pos = batch
         x0 = self.data_scale * x  # TrigFlow's x0 = sigma_d y
         w = self._w(ctx, pos)
+        if ctx.phase == scm.DENSE_PHASE:
+            return self._dense(x0, y, w, ctx, pos)
         loss, logs = x0.new_zeros(()), {}
         if h.scm_weight > 0:
             l_scm, logs = self._scm(x0, y, w, ctx, pos)
