@@ -2,12 +2,14 @@
 critic (papers/rcm.md), on the shared sCM core (common/scm.py).
 
 Everything runs in TrigFlow with ``sigma_d`` (``x_t = cos t x0 + sin t z``, ``z ~ N(0, sigma_d^2 I)``;
-the paper's ``sigma_d = 1`` is a choice of units, the embedded default is 0.5, the MNIST data's
+the paper's ``sigma_d = 1`` is a choice of units, which the embedded config keeps; the argument defaults to 0.5, the MNIST data's
 scale): the flow teacher, the student (a copy of it) and the critic (another copy) are all seen
 through ``ConventionAdapter(..., TrigFlow(sigma_d))``, the student's ``F`` being that wrapper's
 TrigFlow prediction, so the JVP runs through the preconditioning too.
 
-The schedule (config): ``warmup`` (the tangent warm-up: student steps only, no DMD term), then a
+The schedule (config): ``dense`` when ``student_time_scale`` rescales the student's time input (its
+``F`` fitted to the teacher's, ``common.scm.dense_loss``; README), ``warmup`` (the tangent warm-up:
+student steps only, no DMD term; both it and the DMD term count from the dense phase's end), then a
 cycle of critic steps and one student step (``student_update_freq``: 5 = four critic steps, one
 student step). A student step: ``t ~ p_G`` (``sigma = exp(N(p_mean, p_std^2))``, ``t = atan(sigma /
 sigma_d)``) on real images, the guided teacher's ``dx/dt = sigma_d F_T``, the tangent ``J`` (``jvp``,

@@ -25,6 +25,10 @@ teacher to the heads (the hinge generator loss; the gradient reaches the student
 every G step (pitfall 1). D step: the hinge loss on noised real images against the student's
 samples and (``misaligned``) real images paired with the wrong labels, both counted as fake.
 
+Dense phase (``student_time_scale``, the embedded default): the student reads its time at another
+scale than the teacher (the paper's dense time embedding: ``s`` for ``1000 s``) and the schedule's
+``dense`` phase first fits its ``F`` to the teacher's; the tangent warm-up counts from its end.
+
 Sampling: the EMA student with ``w = guidance_sample``, predict x0 and re-noise at the next time
 (``validation.steps``: 1 or a list of times from ``pi/2``).
 """
