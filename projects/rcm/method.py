@@ -3,8 +3,8 @@ critic (papers/rcm.md), on the shared sCM core (common/scm.py).
 
 Everything runs in TrigFlow with ``sigma_d`` (``x_t = cos t x0 + sin t z``, ``z ~ N(0, sigma_d^2 I)``;
 the paper's ``sigma_d = 1`` is a choice of units, which the embedded config keeps; the argument's
-default is 0.5, the MNIST data's scale): the flow teacher, the student (a copy of it) and the critic (another copy) are all seen
-through ``ConventionAdapter(..., TrigFlow(sigma_d))``, the student's ``F`` being that wrapper's
+default is 0.5, the MNIST data's scale): the flow teacher, the student (a copy of it) and the critic
+(another copy) are all seen through ``ConventionAdapter(..., TrigFlow(sigma_d))``, the student's ``F`` being that wrapper's
 TrigFlow prediction, so the JVP runs through the preconditioning too.
 
 The schedule (config): ``dense`` when ``student_time_scale`` rescales the student's time input (its
