@@ -393,9 +393,10 @@ def _iteration_cost(modes, repeats: int = 5) -> list[dict]:
         if "tangent" not in load_config(cfg_path).get("module", {}):
             continue
         mods = {m: build_module(load_config(cfg_path, [f"module.tangent={m}"])) for m in modes}
-        it = max(mods[modes[0]].schedule.phases[-2].until if len(mods[modes[0]].schedule.phases) > 1 else 0,
-                 mods[modes[0]].hparams.tangent_warmup) + 1
-        cycle = [r for group in mods[modes[0]].schedule.phases[-1].cycle for r in group]
+        m0 = mods[modes[0]]  # the tangent warm-up counts from the end of a dense phase, when there is one
+        it = max(m0.schedule.phases[-2].until if len(m0.schedule.phases) > 1 else 0,
+                 getattr(m0, "dense_until", 0) + m0.hparams.tangent_warmup) + 1
+        cycle = [r for group in m0.schedule.phases[-1].cycle for r in group]
 
         def step(m):
             for role in cycle:

@@ -72,7 +72,7 @@ class RCM(OneStepDistillation):
         self.den.flow = den
         self.den.teacher = ConventionAdapter(Guided(den, guidance, guidance_mode), conv)
         self.den.conditional = ConventionAdapter(den, conv)  # unguided: the dense phase's target
-        self.den.student = ConventionAdapter(den.with_net(self.roles["student"].net, student_time_scale), conv)
+        self.den.student = ConventionAdapter(self._student_den(self.roles["student"].net), conv)
         self.den.fake = ConventionAdapter(den.with_net(self.roles["critic"].net), conv)
         phases = {p.name: p for p in self.schedule.phases} if self._schedule is not None else {}
         self.dense_until = scm.dense_phase_end(phases, student_time_scale, den.time_scale)
@@ -83,6 +83,10 @@ class RCM(OneStepDistillation):
                               f"the {'dense phase and the ' if self.dense_until else ''}tangent warm-up")
         # the effective standard scale, logged (rcm.md section 7)
         self.standard_guidance = 1.0 + guidance if guidance_mode == "offset" else guidance
+
+    def _student_den(self, net):
+        """The student's denoiser: the teacher's wrapper around ``net``, at ``student_time_scale`` when set."""
+        return self.den.flow.with_net(net, self.hparams.student_time_scale)
 
     # ---------------------------------------------------------------- time laws
     def _t_G(self, ctx, pos, purpose=Purpose.TIME):
@@ -123,15 +127,13 @@ class RCM(OneStepDistillation):
 
     def generate(self, z, y, net=None):
         """One step from pure noise ``x = sigma_d z`` at ``t = pi/2``."""
-        den = self.den.student if net is None else \
-            ConventionAdapter(self.den.flow.with_net(net, self.hparams.student_time_scale), self.trig)
+        den = self.den.student if net is None else ConventionAdapter(self._student_den(net), self.trig)
         t = torch.full((len(z),), HALF_PI, device=z.device)
         return den(self.hparams.sigma_d * z, t, y)
 
     def generator_denoiser(self):
         """The EMA student in TrigFlow, for the few-step sampler, in the teacher's data units."""
-        return ConventionAdapter(self.den.flow.with_net(self.ema.ema_model, self.hparams.student_time_scale),
-                                 self.noise_convention)
+        return ConventionAdapter(self._student_den(self.ema.ema_model), self.noise_convention)
 
     # ---------------------------------------------------------------- steps
     def loss_student(self, batch, ctx):
