@@ -5,13 +5,16 @@ Uni-Instruct's density ratio).
   a DiT block, a diffusers UNet's mid block).
 * :class:`Discriminator` puts one small head on each hooked feature: tokens ``(B, N, D)`` or maps
   ``(B, C, H, W)`` give a logit per position, ``(B, N)``, or with ``pool`` one per sample from the mean
-  token; the heads' logits are concatenated along the positions.
+  token; the heads' logits are concatenated along the positions. ``head="mlp"`` (:class:`Head`, a
+  per-token MLP) or ``head="conv"`` (:class:`ConvHead`, SANA-Sprint's / ADD's form: spectral-norm
+  1-D convolutions along the token sequence with a local batch norm).
 * :func:`discriminator_loss` / :func:`generator_loss`: ``hinge`` or ``ns`` (non-saturating, i.e. the
   logistic loss), per sample (the mean over positions).
 * :func:`auc`: how well scores separate real from generated samples (0.5: not at all).
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -59,23 +62,82 @@ class Head(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, f: Tensor) -> Tensor:
-        if f.ndim == 4:  # (B, C, H, W) -> (B, HW, C)
-            f = f.flatten(2).transpose(1, 2)
-        if f.ndim != 3:
-            raise ValueError(f"a discriminator head takes tokens (B, N, D) or maps (B, C, H, W), got {tuple(f.shape)}")
+        f = _tokens(f)
         if self.pool:
             f = f.mean(1, keepdim=True)
         return self.net(f).squeeze(-1)
 
 
-class Discriminator(nn.Module):
-    """One :class:`Head` per named feature; ``forward(features)`` returns the logits ``(B, sum N)``
-    (``(B, number of features)`` with ``pool``)."""
+def _tokens(f: Tensor) -> Tensor:
+    """A feature as tokens ``(B, N, D)``; maps ``(B, C, H, W)`` become ``(B, HW, C)``."""
+    if f.ndim == 4:
+        f = f.flatten(2).transpose(1, 2)
+    if f.ndim != 3:
+        raise ValueError(f"a discriminator head takes tokens (B, N, D) or maps (B, C, H, W), got {tuple(f.shape)}")
+    return f
 
-    def __init__(self, dims: dict[str, int], hidden: int | None = None, pool: bool = False):
+
+class LocalBatchNorm(nn.Module):
+    """Batch norm over groups of ``virtual_batch`` samples (and all positions), per channel, with an
+    affine map and no running statistics: the statistics of a batch never mix real and generated
+    samples that are fed in separate calls, and a batch of any size works (a last group may be smaller)."""
+
+    def __init__(self, channels: int, virtual_batch: int = 8, eps: float = 1e-5):
         super().__init__()
+        self.virtual_batch, self.eps = virtual_batch, eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, N)
+        out = []
+        for g in x.split(self.virtual_batch):
+            mean = g.mean(dim=(0, 2), keepdim=True)
+            var = g.var(dim=(0, 2), keepdim=True, unbiased=False)
+            out.append((g - mean) * torch.rsqrt(var + self.eps))
+        return torch.cat(out) * self.weight[:, None] + self.bias[:, None]
+
+
+class ConvHead(nn.Module):
+    """SANA-Sprint's head (papers/sana_sprint.md section 3, ADD's): on the token sequence ``(B, D, N)``,
+    a spectral-norm ``Conv1d(k=1)`` block (local batch norm over groups of 8 samples, LeakyReLU 0.2),
+    a residual block of the same with ``k=9`` (``(x + f(x)) / sqrt 2``), and a spectral-norm
+    ``Conv1d(k=1)`` to one logit per token, ``(B, N)``. (The spectral norm rules out a zero last layer:
+    a new head's logits are small, not zero.)"""
+
+    def __init__(self, dim: int, hidden: int | None = None, kernel: int = 9, virtual_batch: int = 8):
+        super().__init__()
+        hidden = hidden or dim
+        sn = nn.utils.parametrizations.spectral_norm
+
+        def block(cin, k):
+            return nn.Sequential(sn(nn.Conv1d(cin, hidden, k, padding=k // 2)), LocalBatchNorm(hidden, virtual_batch),
+                                 nn.LeakyReLU(0.2))
+
+        self.first, self.res, self.out = block(dim, 1), block(hidden, kernel), sn(nn.Conv1d(hidden, 1, 1))
+
+    def forward(self, f: Tensor) -> Tensor:
+        h = self.first(_tokens(f).transpose(1, 2))
+        h = (h + self.res(h)) / math.sqrt(2)
+        return self.out(h).squeeze(1)
+
+
+HEADS = ("mlp", "conv")
+
+
+class Discriminator(nn.Module):
+    """One head per named feature (``head``: ``mlp``, :class:`Head`; ``conv``, :class:`ConvHead`, per
+    token only); ``forward(features)`` returns the logits ``(B, sum N)`` (``(B, number of features)``
+    with ``pool``)."""
+
+    def __init__(self, dims: dict[str, int], hidden: int | None = None, pool: bool = False, head: str = "mlp"):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"unknown discriminator head {head!r}; expected one of {list(HEADS)}")
+        if head == "conv" and pool:
+            raise ValueError("the conv head gives a logit per token: it has no pooled form")
         self.names = list(dims)
-        self.heads = nn.ModuleList(Head(d, hidden, pool) for d in dims.values())
+        self.heads = nn.ModuleList((Head(d, hidden, pool) if head == "mlp" else ConvHead(d, hidden))
+                                   for d in dims.values())
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         missing = [n for n in self.names if n not in features]

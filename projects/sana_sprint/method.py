@@ -76,7 +76,7 @@ class SanaSprint(OneStepDistillation):
                  jvp_impl: str = "torch", warmup_form: scm.WarmupForm = "paper", tangent_warmup: int = 4000,
                  norm_c: float = 0.1, reduction: Literal["sum", "mean"] = "mean", adaptive_weight: bool = True,
                  scm_weight: float = 1.0, adv_weight: float = 0.5, disc_blocks: list | None = None,
-                 disc_hidden: int = 128, disc_pool: bool = False, misaligned: bool = True,
+                 disc_hidden: int = 128, disc_pool: bool = False, disc_head: str = "mlp", misaligned: bool = True,
                  logvar_lr: float | None = None, require_qk_norm: bool = False, null_embedding: str | None = None,
                  student_time_scale: float | None = None,
                  sample_shape: list | None = None, **base):
@@ -99,7 +99,11 @@ class SanaSprint(OneStepDistillation):
             dims = feature_dims(den.net, self.disc_blocks)
         except AttributeError as e:
             raise ConfigError(f"module.disc_blocks: cannot tell the feature width of {type(den.net).__name__}") from e
-        self.add_role("discriminator", Discriminator(dims, disc_hidden, disc_pool), "scratch")
+        try:
+            disc = Discriminator(dims, disc_hidden, disc_pool, disc_head)
+        except ValueError as e:
+            raise ConfigError(f"module.disc_head / disc_pool: {e}") from None
+        self.add_role("discriminator", disc, "scratch")
         self.trig = conv = noise.TrigFlow(sigma_d)
         self.data_scale = conv.data_scale / den.convention.data_scale
         self.noise_convention = noise.TrigFlow(den.convention.data_scale)
