@@ -148,6 +148,27 @@ def test_bad_settings_are_refused(tiny_teacher):
         m = _module(tiny_teacher, disc_blocks=["block1", "block9"])
         b = _batch(m)
         m.loss_discriminator(b, _ctx(m, "discriminator", b, 1))
+    with pytest.raises(ConfigError, match="module.disc_head / disc_pool: unknown discriminator head 'cnn'"):
+        _module(tiny_teacher, disc_head="cnn")
+
+
+def test_the_papers_conv_heads_train_in_a_discriminator_step(tiny_teacher):
+    """``disc_head: conv`` (the paper-scale config's): the D step's hinge loss reaches the conv heads'
+    spectral-norm weights, and ten optimizer steps lower it on the same batch."""
+    m = _module(tiny_teacher, disc_head="conv")
+    heads = m.roles["discriminator"].net
+    assert all(type(h).__name__ == "ConvHead" for h in heads.heads)
+    b = _batch(m, 8)
+    opt = torch.optim.Adam(heads.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(10):
+        loss = m.loss_discriminator(b, _ctx(m, "discriminator", b, 1)).loss
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters())
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0], losses
 
 
 DENSE = [{"name": "dense", "until": 3, "cycle": [["student"]]},
