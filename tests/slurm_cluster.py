@@ -86,3 +86,19 @@ def wait_jobs(env: dict, timeout: float = 600) -> None:
             return
         time.sleep(2)
     raise TimeoutError("SLURM jobs still queued or running")
+
+
+def release_requeued(env: dict, job: str, timeout: float = 120) -> None:
+    """Make a requeued ``job`` eligible at once: SLURM holds a requeued job for 120 s (BeginTime) before
+    it may start again. Waits for it to be pending, then ``scontrol update StartTime=now`` (the cluster's
+    own command: the restart itself is real); returns early if the job is gone."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
+                               env=env).stdout.strip()
+        if state == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=env)
+            return
+        if not state:
+            return
+        time.sleep(0.5)

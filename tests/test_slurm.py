@@ -132,18 +132,7 @@ def test_requeued_job_resumes_and_ends_like_an_uninterrupted_run(cluster, tmp_pa
         assert time.time() < deadline, "the job never reached its first checkpoint"
         time.sleep(0.1)
     subprocess.run(["scancel", "--signal=USR1", job], check=True, env=cluster)
-    # SLURM holds a requeued job for 120 s (BeginTime) before it may start again: once it is pending,
-    # make it eligible now (the cluster's own command; the restart and the resume are still real)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
-                               env=cluster).stdout.strip()
-        if state == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=cluster)
-            break
-        if not state:
-            break
-        time.sleep(0.5)
+    slurm_cluster.release_requeued(cluster, job)  # skips SLURM's 120 s hold of a requeued job
     slurm_cluster.wait_jobs(cluster)
     log = "".join(f.read_text(errors="replace") for f in (run / "slurm").glob("*.out"))
     assert "requeue" in log.lower(), log[-3000:]
