@@ -6,7 +6,9 @@
   ``path/to/run/checkpoints/x.ckpt``    a Lightning checkpoint of a run; the run's ``config.yaml``
                                         (two folders up) builds the module, the checkpoint loads
                                         strictly (frozen teachers are checked by hash instead), and
-                                        ``generator_denoiser()`` and ``sampler`` say how to sample.
+                                        ``generator_denoiser()`` and ``sampler`` say how to sample;
+                                        ``raw=True`` samples the student's raw weights instead of
+                                        its EMA (spec pitfalls: "evaluate EMA and raw weights").
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ class Generator:
     is_teacher: bool
 
 
-def load_generator(spec: str) -> Generator:
+def load_generator(spec: str, raw: bool = False) -> Generator:
+    if raw and not spec.endswith(".ckpt"):
+        raise ValueError(f"raw weights are a run checkpoint's (.ckpt), not {spec!r}'s")
     if spec.startswith("teacher:"):
         return Generator(load_teacher(spec.split(":", 1)[1]), "euler", spec, True)
     path = Path(spec)
@@ -55,6 +59,11 @@ def load_generator(spec: str) -> Generator:
             module.load_state_dict(state["state_dict"])  # strict, apart from frozen roles identified by file
         except RuntimeError as e:
             raise CheckpointError(f"{path}: {str(e).splitlines()[0]}") from None
+        if raw:  # the raw student's weights into the EMA copy that generator_denoiser() samples
+            if getattr(module, "ema", None) is None:
+                raise ValueError(f"{path}: its module has no EMA, so its samples are the raw weights already")
+            module.ema.ema_model.load_state_dict(module.roles["student"].net.state_dict())
         den = module.generator_denoiser().eval().requires_grad_(False)
-        return Generator(den, getattr(module, "sampler", "euler"), str(path), getattr(module, "sampler", "euler") != "multistep")
+        return Generator(den, getattr(module, "sampler", "euler"), str(path) + (" (raw weights)" if raw else ""),
+                         getattr(module, "sampler", "euler") != "multistep")
     return Generator(load_teacher(str(path)), "euler", str(path), True)

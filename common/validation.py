@@ -94,8 +94,10 @@ def summary(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     lines = []
     res_file = run_dir / "results.json"
-    if res_file.is_file():
-        res = json.loads(res_file.read_text())
+    res = json.loads(res_file.read_text()) if res_file.is_file() else None
+    if res is not None and not res["results"]:
+        lines.append(f"no final figures at iteration {res['iteration']} (validation.final_seeds is empty)")
+    elif res is not None:
         best = evaluator.teacher_best()
         lines.append(f"final figures at iteration {res['iteration']} (last EMA weights, "
                      f"{res['results'][0].get('num_samples', '?')} samples):")

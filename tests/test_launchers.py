@@ -104,6 +104,12 @@ def test_every_config_under_projects_dry_runs():
         assert to_yaml(cfg)
     p = run("launchers/fit.py", configs[-1], "--dry-run", check=True)
     assert "target:" in p.stdout and "iterations:" in p.stdout
+    # and every benchmark variant of every method (its overrides on the project's config)
+    from common.project_index import projects
+
+    for name, project in projects("method").items():
+        for variant, overrides in project.benchmark.variants.items():
+            assert load_config(project.config, list(overrides))["run"]["iterations"] > 0, (name, variant)
 
 
 def test_projects_are_discovered_by_their_folder(tmp_path):
@@ -154,6 +160,18 @@ def test_validation_callback_batch_arithmetic_and_final_summary(tmp_path, tiny_t
     last = out / "checkpoints" / "last.ckpt"
     assert load_generator(str(last)).sampler == "multistep"
     ck = torch.load(last, weights_only=True)
+    # the EMA samples by default; raw=True (evaluate.py --raw) the student's raw weights
+    sd, checked = ck["state_dict"], 0
+    for gen, prefix in ((load_generator(str(last)), "ema.ema_model."), (load_generator(str(last), raw=True), "nets.student.")):
+        params = dict(gen.denoiser.named_parameters())
+        for k, v in sd.items():
+            if k.startswith(prefix) and "_net." + k[len(prefix):] in params:
+                assert torch.equal(params["_net." + k[len(prefix):]], v), k
+                checked += 1
+    assert checked > 40 and not torch.equal(sd["ema.ema_model.blocks.0.attn.qkv.weight"],
+                                            sd["nets.student.blocks.0.attn.qkv.weight"])
+    with pytest.raises(ValueError, match="raw weights are a run checkpoint"):
+        load_generator("teacher:mnist", raw=True)
     ck["distill"]["frozen"]["teacher"]["sha256"] = "0" * 64
     torch.save(ck, out / "checkpoints" / "other.ckpt")
     with pytest.raises(ValueError, match="trained with another teacher"):
@@ -188,3 +206,11 @@ def test_benchmark_gates_each_gated_step_count_of_a_few_step_student():
         benchmark._student_checks(rows[:1], best, {"fd_ratio": {1: 1.5, 4: 1.2}, "accuracy": 0.9, "fit_seconds": 600})
     table = benchmark._student_table(rows, best, "variant")
     assert "| m | t1.57-1.3-1-0.6 | 0 | 13.00 | 1.30 |" in table
+
+
+def test_summary_of_a_run_without_final_figures(tmp_path):
+    """``validation.final_seeds: []`` skips the final figures; the summary says so instead of failing."""
+    from common.validation import summary
+
+    (tmp_path / "results.json").write_text('{"iteration": 4, "results": []}')
+    assert summary(tmp_path).splitlines()[0] == "no final figures at iteration 4 (validation.final_seeds is empty)"
