@@ -8,7 +8,9 @@
                                         strictly (frozen teachers are checked by hash instead), and
                                         ``generator_denoiser()`` and ``sampler`` say how to sample;
                                         ``raw=True`` samples the student's raw weights instead of
-                                        its EMA (spec pitfalls: "evaluate EMA and raw weights").
+                                        its EMA (spec pitfalls: "evaluate EMA and raw weights");
+                                        ``overrides`` (``module.key=value``) change how the
+                                        checkpoint's module samples (``module.guidance_sample=1.25``).
 """
 from __future__ import annotations
 
@@ -29,9 +31,12 @@ class Generator:
     is_teacher: bool
 
 
-def load_generator(spec: str, raw: bool = False) -> Generator:
-    if raw and not spec.endswith(".ckpt"):
-        raise ValueError(f"raw weights are a run checkpoint's (.ckpt), not {spec!r}'s")
+def load_generator(spec: str, raw: bool = False, overrides: tuple | list = ()) -> Generator:
+    if (raw or overrides) and not spec.endswith(".ckpt"):
+        raise ValueError(f"raw weights and module overrides are a run checkpoint's (.ckpt), not {spec!r}'s")
+    bad = [o for o in overrides if not o.startswith("module.")]
+    if bad:
+        raise ValueError(f"only module.* keys change how a checkpoint samples, not {bad}")
     if spec.startswith("teacher:"):
         return Generator(load_teacher(spec.split(":", 1)[1]), "euler", spec, True)
     path = Path(spec)
@@ -45,7 +50,9 @@ def load_generator(spec: str, raw: bool = False) -> Generator:
 
         from common.config import build_module
 
-        cfg = OmegaConf.to_container(OmegaConf.load(cfg_file))
+        from common.config import apply_overrides
+
+        cfg = OmegaConf.to_container(apply_overrides(OmegaConf.load(cfg_file), list(overrides)))
         state = read(path)
         if "state_dict" not in state:
             raise CheckpointError(f"{path}: not a run checkpoint (it has no state_dict)")
@@ -53,7 +60,12 @@ def load_generator(spec: str, raw: bool = False) -> Generator:
         if wrote and wrote != cfg["module"]["target"]:
             raise CheckpointError(f"{path} was written by {wrote}, but the run config beside it ({cfg_file}) "
                                   f"builds {cfg['module']['target']}")
-        module = build_module(cfg)
+        try:
+            module = build_module(cfg)
+        except TypeError as e:
+            if not overrides:
+                raise
+            raise ValueError(f"{overrides}: {e}") from None
         module.check_frozen_sources(state)  # the teacher it was trained with, by hash
         try:
             module.load_state_dict(state["state_dict"])  # strict, apart from frozen roles identified by file

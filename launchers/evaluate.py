@@ -6,6 +6,8 @@
   python launchers/evaluate.py runs/swiftbrush/config/checkpoints/last.ckpt --steps 1   (-> runs/swiftbrush/config/eval/last-steps1-n1000-nocfg.json)
   python launchers/evaluate.py runs/sana_sprint/config/checkpoints/last.ckpt --raw --steps 1   (the raw student
       weights, not the EMA that runs sample: -> .../eval/last-raw-steps1-n1000-nocfg.json)
+  python launchers/evaluate.py runs/sana_sprint/config/checkpoints/last.ckpt --set module.guidance_sample=1.25
+      (how the checkpoint's module samples: the student's guidance input; only module.* keys)
   python launchers/evaluate.py --samples runs/x/samples.npz          (images and labels in an .npz)
   python launchers/evaluate.py --build-reference                     (after retraining the classifier)
 
@@ -33,7 +35,7 @@ from common.validation import steps_label  # noqa: E402
 
 
 def default_out(checkpoint: str, steps: list, num_samples: int, guidance: float | None,
-                seed: int | None = None, raw: bool = False) -> Path:
+                seed: int | None = None, raw: bool = False, sets: tuple | list = ()) -> Path:
     """``<run>/eval/<checkpoint>-steps1-4-n1000-cfg1.5.json``: a name that carries the settings, beside
     the run's own results.json (never over it); teachers under runs/eval/."""
     cfg = "nocfg" if guidance is None else f"cfg{guidance:g}"
@@ -43,7 +45,7 @@ def default_out(checkpoint: str, steps: list, num_samples: int, guidance: float 
         ck = Path(checkpoint)
         where, stem = (ck.parent.parent if ck.suffix == ".ckpt" else ck.parent) / "eval", ck.stem
     label = "-".join(str(n) if isinstance(n, int) else steps_label(n) for n in steps)
-    stem += "-raw" if raw else ""
+    stem += ("-raw" if raw else "") + "".join(f"-{o.partition('.')[2]}" for o in sets)
     return where / f"{stem}-steps{label}-n{num_samples}-{cfg}{'' if seed is None else f'-seed{seed}'}.json"
 
 
@@ -63,6 +65,8 @@ def main(argv=None) -> int:
                     help="sampling-time lists of a few-step student, each comma-separated (after --steps)")
     ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: the protocol's)")
     ap.add_argument("--raw", action="store_true", help="a run checkpoint's raw student weights, not its EMA")
+    ap.add_argument("--set", nargs="+", default=[], metavar="module.KEY=VALUE",
+                    help="change how a run checkpoint's module samples, e.g. module.guidance_sample=1.25")
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--guidance-mode", default=None, choices=["standard", "offset"])
     ap.add_argument("--no-guidance", action="store_true")
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
             note = check_request(args.steps, args.num_samples, args.dataset)
             if note:
                 print(note, file=sys.stderr)
-            gen = load_generator(args.checkpoint, raw=args.raw)
+            gen = load_generator(args.checkpoint, raw=args.raw, overrides=args.set)
             p = evaluator.protocol("mnist")
             if args.no_guidance:
                 guidance = None
@@ -114,7 +118,7 @@ def main(argv=None) -> int:
             results = {"source": args.checkpoint, "guidance_mode": mode, "seed": p["seed"] if args.seed is None
                        else args.seed, "results": rows}
             out = Path(args.out) if args.out else default_out(args.checkpoint, steps, args.num_samples or
-                                                              p["num_samples"], guidance, args.seed, args.raw)
+                                                              p["num_samples"], guidance, args.seed, args.raw, args.set)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ import torch
 from common.config import ConfigError
 from common.rng import Purpose
 from projects.sana_sprint.method import SanaSprint
+from projects.sana_sprint.student import WithGuidance
 
 BLOCKS = ["block1", "block3"]  # the tiny teacher has four blocks
 
@@ -243,3 +244,16 @@ def test_a_fit_updates_the_ema_and_samples_in_one_and_four_steps(tiny_teacher, t
         want = m.generate(torch.randn(3, *m.sample_shape, generator=z), torch.arange(3), m.ema.ema_model) / 0.5
     assert torch.isfinite(x4).all() and (x4 - x1).abs().max() > 1e-4
     torch.testing.assert_close(x1, want, rtol=1e-4, atol=1e-4)  # the sampler's 1 step is generate(), in data units
+    # evaluate.py --set: the checkpoint sampled at another guidance input (only module.* keys)
+    from common.checkpoints import load_generator
+
+    last = str(d / "checkpoints" / "last.ckpt")
+    def sampled_w(gen):  # the guidance input the sampler feeds the EMA student
+        return [mod.w for mod in gen.denoiser.modules() if isinstance(mod, WithGuidance)]
+
+    assert sampled_w(load_generator(last)) == [1.5]
+    assert sampled_w(load_generator(last, overrides=["module.guidance_sample=3.0"])) == [3.0]
+    with pytest.raises(ValueError, match="bogus"):
+        load_generator(last, overrides=["module.bogus=1"])
+    with pytest.raises(ValueError, match="only module"):
+        load_generator(last, overrides=["run.seed=1"])
