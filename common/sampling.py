@@ -29,6 +29,7 @@ NoiseFn = Callable[[int, Tensor], Tensor]
 # values (500 2-D toy points) are not one draw of 2,000, since torch.randn fills a tensor whose size
 # is not a multiple of 16 differently. For images (1,024 values a sample) it is one draw of the set.
 NOISE_CHUNK = 500
+END_TOL = 1e-4  # sampling times this close outside the time range are its end (pi/2 written as 1.5708)
 
 
 def timesteps(convention: noise_lib.Convention, n: int, device=None, s_min: float = 0.0) -> Tensor:
@@ -65,6 +66,8 @@ def student_times(convention: noise_lib.Convention, steps, device=None) -> Tenso
     times = [float(t) for t in times]
     t_noise, t_data = float(convention.t_noise), float(convention.t_data)
     lo, hi = min(t_noise, t_data), max(t_noise, t_data)
+    # an end written to four decimals (1.5708 for TrigFlow's pi/2) is that end
+    times = [hi if hi < t <= hi + END_TOL else lo if lo - END_TOL <= t < lo else t for t in times]
     bad = [t for t in times if not lo <= t <= hi]  # NaN is out of range too
     if bad:
         raise ValueError(f"sampling times {bad} are outside [{lo:g}, {hi:g}], the time range of "

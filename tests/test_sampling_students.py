@@ -72,6 +72,10 @@ def test_time_list_validation():
     torch.testing.assert_close(student_times(trig, (math.pi / 2,)), torch.tensor([math.pi / 2, 0.0]))
     torch.testing.assert_close(student_times(edm, [80.0, 1.0, 0.002]), torch.tensor([80.0, 1.0, 0.002, 0.002]))
     torch.testing.assert_close(student_times(rev, [0.0, 0.5]), torch.tensor([0.0, 0.5, 1.0]))  # noise end is 0
+    # an end written to four decimals is the end; a time further out is an error (below)
+    assert student_times(trig, [1.5708, 0.5])[0].item() == torch.tensor(math.pi / 2).item()
+    with pytest.raises(ValueError, match=r"\[1.571\] are outside"):
+        student_times(trig, [1.571, 0.5])
     with pytest.raises(ValueError, match="list of sampling times is empty"):
         student_times(trig, [])
     with pytest.raises(ValueError, match=r"strictly decreasing .* got \[0.6, 1.0\]"):
