@@ -170,7 +170,7 @@ def test_validation_callback_batch_arithmetic_and_final_summary(tmp_path, tiny_t
                 checked += 1
     assert checked > 40 and not torch.equal(sd["ema.ema_model.blocks.0.attn.qkv.weight"],
                                             sd["nets.student.blocks.0.attn.qkv.weight"])
-    with pytest.raises(ValueError, match="raw weights are a run checkpoint"):
+    with pytest.raises(ValueError, match="raw weights and module overrides are a run checkpoint"):
         load_generator("teacher:mnist", raw=True)
     ck["distill"]["frozen"]["teacher"]["sha256"] = "0" * 64
     torch.save(ck, out / "checkpoints" / "other.ckpt")
