@@ -48,9 +48,7 @@ def load_generator(spec: str, raw: bool = False, overrides: tuple | list = ()) -
             raise FileNotFoundError(f"{path} has no run config at {cfg_file}; cannot tell which module wrote it")
         from omegaconf import OmegaConf
 
-        from common.config import build_module
-
-        from common.config import apply_overrides
+        from common.config import apply_overrides, build_module
 
         cfg = OmegaConf.to_container(apply_overrides(OmegaConf.load(cfg_file), list(overrides)))
         state = read(path)
