@@ -248,6 +248,7 @@ def test_a_fit_updates_the_ema_and_samples_in_one_and_four_steps(tiny_teacher, t
     from common.checkpoints import load_generator
 
     last = str(d / "checkpoints" / "last.ckpt")
+
     def sampled_w(gen):  # the guidance input the sampler feeds the EMA student
         return [mod.w for mod in gen.denoiser.modules() if isinstance(mod, WithGuidance)]
 
