@@ -43,6 +43,9 @@ def test_dsm_eps_mse_is_snr_times_x0_mse():
                for i in range(4)]
     for i in range(4):
         torch.testing.assert_close(per_eps[i], (lv.a[i] / lv.b[i]) ** 2 * per_x0[i])
+    # inv_b2 on a flow level is the teacher's own loss, the velocity MSE
+    u_mse = (pred - (eps - x0)).pow(2).flatten(1).mean(1).mean()
+    torch.testing.assert_close(dsm_loss(pred, x0, eps, x_t, lv, "flow", "x0", "inv_b2"), u_mse)
     # weightings: alpha_bar and 1/sin^2 on a VP level, EDM's (sigma^2 + sd^2)/(sigma sd)^2
     vp = noise.TrigFlow(1.0).level(torch.tensor([0.4]))
     torch.testing.assert_close(dsm_weight("alpha_bar", vp), torch.cos(torch.tensor([0.4])) ** 2)

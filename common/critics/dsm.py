@@ -3,7 +3,8 @@
 x0 form ``E[lambda(t) ||x0_hat_psi(a x_g + b eps, t) - x_g||^2]`` and eps form
 ``E[lambda'(t) ||eps_hat_psi - eps||^2]``; the eps-MSE equals ``(a/b)^2`` times the x0-MSE.
 Weightings in use: DMD2 (eps, uniform), SwiftBrush code (eps, alpha_bar = a^2 for VP),
-rCM (x0, 1/sin^2 t), Uni-Instruct (x0, EDM (sigma^2 + sigma_d^2)/(sigma sigma_d)^2).
+rCM (x0, 1/sin^2 t), Uni-Instruct (x0, EDM (sigma^2 + sigma_d^2)/(sigma sigma_d)^2); ``inv_b2``
+(x0, 1/b^2) is a rectified-flow teacher's own loss, the velocity MSE, for any a.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from common import noise
 
-DSMWeighting = Literal["uniform", "alpha_bar", "inv_sin2", "edm"]
+DSMWeighting = Literal["uniform", "alpha_bar", "inv_sin2", "inv_b2", "edm"]
 WEIGHTINGS = get_args(DSMWeighting)
 
 
@@ -28,6 +29,8 @@ def dsm_weight(kind: str, level: noise.NoiseLevel, sigma_d: float = 0.5) -> Tens
         return a**2 / (a**2 + b**2)
     if kind == "inv_sin2":
         return (a**2 + b**2) / b**2
+    if kind == "inv_b2":  # x0 form: a flow teacher's own velocity MSE, ||u_hat - u||^2 = ||x0_hat - x0||^2 / s^2
+        return 1 / b**2
     if kind == "edm":
         sigma = b / a
         return (sigma**2 + sigma_d**2) / (sigma * sigma_d) ** 2
