@@ -18,34 +18,53 @@ def run(*args, check=False):
     return p
 
 
-def test_unknown_key_wrong_type_and_missing_checkpoint_are_named_errors(tmp_path):
-    p = run("launchers/fit.py", TOY, "module.learning_rate=1e-3", "--dry-run")
-    assert p.returncode == 2
-    assert "unknown config key 'module.learning_rate'" in p.stderr and "accepts:" in p.stderr
-    p = run("launchers/fit.py", TOY, "data.batch_size=big", "--dry-run")
-    assert p.returncode == 2 and "config key 'data.batch_size' has type str, expected int" in p.stderr
-    p = run("launchers/fit.py", TOY, "trainer.max_stepz=3", "--dry-run")
-    assert p.returncode == 2 and "unknown config key 'trainer.max_stepz'" in p.stderr
-    p = run("launchers/fit.py", TOY, "trainer.max_steps=3", "--dry-run")
-    assert p.returncode == 2 and "'trainer.max_steps' is not set by hand" in p.stderr and "run.iterations" in p.stderr
+def fit_main(*argv, capsys, monkeypatch):
+    """``launchers/fit.py ARGV`` in this process (no interpreter start): ``(exit code, stdout, stderr)``."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.syspath_prepend(str(ROOT / "launchers"))
+    import fit
+
+    capsys.readouterr()
+    rc = fit.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_unknown_key_wrong_type_and_missing_checkpoint_are_named_errors(tmp_path, capsys, monkeypatch):
+    def fit(*argv):
+        return fit_main(*argv, capsys=capsys, monkeypatch=monkeypatch)
+
+    rc, _, err = fit(TOY, "module.learning_rate=1e-3", "--dry-run")
+    assert rc == 2
+    assert "unknown config key 'module.learning_rate'" in err and "accepts:" in err
+    rc, _, err = fit(TOY, "data.batch_size=big", "--dry-run")
+    assert rc == 2 and "config key 'data.batch_size' has type str, expected int" in err
+    rc, _, err = fit(TOY, "trainer.max_stepz=3", "--dry-run")
+    assert rc == 2 and "unknown config key 'trainer.max_stepz'" in err
+    rc, _, err = fit(TOY, "trainer.max_steps=3", "--dry-run")
+    assert rc == 2 and "'trainer.max_steps' is not set by hand" in err and "run.iterations" in err
+    rc, _, err = fit(TOY, "bogus.x=1", "--dry-run")
+    assert rc == 2 and "unknown config key 'bogus.x'" in err
+    missing = tmp_path / "nope.ckpt"
+    rc, _, err = fit(TOY, f"run.resume={missing}", f"run.dir={tmp_path / 'r'}")
+    assert rc == 2 and f"run.resume: checkpoint not found: {missing}" in err
+    # the same through the command line, as a user runs it (the interpreter's exit code)
     p = run("launchers/fit.py", TOY, "bogus.x=1", "--dry-run")
     assert p.returncode == 2 and "unknown config key 'bogus.x'" in p.stderr
-    missing = tmp_path / "nope.ckpt"
-    p = run("launchers/fit.py", TOY, f"run.resume={missing}", f"run.dir={tmp_path / 'r'}")
-    assert p.returncode == 2 and f"run.resume: checkpoint not found: {missing}" in p.stderr
     p = run("launchers/sample.py", str(missing))
     assert p.returncode == 2 and f"checkpoint not found: {missing}" in p.stderr
     p = run("launchers/evaluate.py", str(missing))
     assert p.returncode == 2 and f"checkpoint not found: {missing}" in p.stderr
 
 
-def test_dry_run_prints_the_resolved_config():
-    p = run("launchers/fit.py", TOY, "module.lr=0.01", "--dry-run", check=True)
-    assert "lr: 0.01" in p.stdout
+def test_dry_run_prints_the_resolved_config(capsys, monkeypatch):
+    rc, out, _ = fit_main(TOY, "module.lr=0.01", "--dry-run", capsys=capsys, monkeypatch=monkeypatch)
+    assert rc == 0 and "lr: 0.01" in out
+    assert "logit_std: 1.0" in out  # a default filled in from the signature
+    assert "dir: runs/teacher/toy_8gaussians" in out
     # YAML 1.1 reads 1e-4 as a string; where a float is expected it is the float
-    assert "lr: 0.0001" in run("launchers/fit.py", TOY, "module.lr=1e-4", "--dry-run", check=True).stdout
-    assert "logit_std: 1.0" in p.stdout  # a default filled in from the signature
-    assert "dir: runs/teacher/toy_8gaussians" in p.stdout
+    rc, out, _ = fit_main(TOY, "module.lr=1e-4", "--dry-run", capsys=capsys, monkeypatch=monkeypatch)
+    assert rc == 0 and "lr: 0.0001" in out
 
 
 def _losses(run_dir):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.project_index import projects
-from test_launchers import run
+from test_launchers import ROOT, run
 
 COMMON = ["trainer.log_every_n_steps=1", "trainer.val_check_interval=1000", "validation.steps=[]",
           "run.ckpt_every=1000", "data.batch_size=4"]
@@ -28,11 +28,16 @@ def _rows(run_dir):
 
 
 @pytest.mark.parametrize("project", sorted(projects("method")))
-def test_stopped_and_resumed_run_logs_the_same_losses(project, tmp_path, tiny_teacher):
+def test_stopped_and_resumed_run_logs_the_same_losses(project, tmp_path, tiny_teacher, monkeypatch):
     config = str(projects("method")[project].config)
     args = [config, *COMMON, *EXTRA.get(project, []), f"module.teacher={tiny_teacher}"]
     full, part = tmp_path / "full", tmp_path / "part"
-    run("launchers/fit.py", *args, f"run.iterations={END}", f"run.dir={full}", check=True)
+    # the uninterrupted run in this process (no interpreter start); the stopped and resumed one as a user runs it
+    monkeypatch.chdir(ROOT)
+    monkeypatch.syspath_prepend(str(ROOT / "launchers"))
+    import fit
+
+    assert fit.main([*args, f"run.iterations={END}", f"run.dir={full}"]) == 0
     run("launchers/fit.py", *args, f"run.iterations={STOP}", f"run.dir={part}", check=True)
     p = run("launchers/fit.py", *args, f"run.iterations={END}", f"run.dir={part}", check=True)
     assert "Restoring states from the checkpoint" in p.stdout + p.stderr
