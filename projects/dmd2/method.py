@@ -87,6 +87,8 @@ class DMD2(OneStepDistillation):
         self.save_hyperparameters()
         den = self.add_teacher_roles(teacher)
         self.noise_convention = conv = den.convention
+        if time_map not in ("fraction", "sdxl_snr"):
+            raise ConfigError(f"module.time_map must be fraction or sdxl_snr, got {time_map!r}")
         if student_times is None:  # DMD2's [999, 749, 499, 249] by time_map, the first at pure noise
             fracs = torch.tensor([749, 499, 249], dtype=torch.float64) / SDXL.t_noise
             student_times = [conv.t_noise] + [float(t) for t in self._time(fracs)]
@@ -121,8 +123,6 @@ class DMD2(OneStepDistillation):
         c = self.noise_convention
         if self.hparams.time_map == "sdxl_snr":
             return noise.match_time(SDXL.t_noise * frac.double(), SDXL, c).to(frac.dtype)
-        if self.hparams.time_map != "fraction":
-            raise ConfigError(f"module.time_map must be fraction or sdxl_snr, got {self.hparams.time_map!r}")
         return c.t_data + frac * (c.t_noise - c.t_data)
 
     def _draw_time(self, ctx, pos, purpose, name):
