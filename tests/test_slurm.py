@@ -121,8 +121,11 @@ def test_requeued_job_resumes_and_ends_like_an_uninterrupted_run(cluster, tmp_pa
     # batch 1024 and 600 steps: long enough (tens of seconds) that the signal lands mid-run on an idle machine
     steps = ["run.iterations=600", "trainer.val_check_interval=600", "trainer.log_every_n_steps=1",
              "module.num_samples=50", "module.sample_steps=2", "data.batch_size=1024", "run.ckpt_every=50"]
-    subprocess.run([sys.executable, "launchers/fit.py", TOY, *steps, f"run.dir={ref}"], cwd=ROOT, check=True,
-                   capture_output=True)
+    # the uninterrupted reference runs beside the job (one thread each on the two cores); its output goes to a
+    # file, never a pipe nobody reads while it runs
+    with open(tmp_path / "ref.log", "w") as log_file:
+        ref_fit = subprocess.Popen([sys.executable, "launchers/fit.py", TOY, *steps, f"run.dir={ref}"], cwd=ROOT,
+                                   stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     p = subprocess.run([sys.executable, "launchers/slurm.py", TOY, *steps, "slurm.cpus_per_task=1",
                         f"run.dir={run}"], cwd=ROOT, capture_output=True, text=True, env=cluster)
     assert p.returncode == 0, p.stderr
@@ -134,6 +137,7 @@ def test_requeued_job_resumes_and_ends_like_an_uninterrupted_run(cluster, tmp_pa
     subprocess.run(["scancel", "--signal=USR1", job], check=True, env=cluster)
     slurm_cluster.release_requeued(cluster, job)  # skips SLURM's 120 s hold of a requeued job
     slurm_cluster.wait_jobs(cluster)
+    assert ref_fit.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-3000:]
     log = "".join(f.read_text(errors="replace") for f in (run / "slurm").glob("*.out"))
     assert "requeue" in log.lower(), log[-3000:]
     assert list(run.glob("hpc_ckpt_*.ckpt")), "no requeue checkpoint was written"
