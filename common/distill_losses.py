@@ -11,7 +11,8 @@ from torch import Tensor
 
 
 def surrogate_loss(x: Tensor, g: Tensor, reduction: str = "mean") -> Tensor:
-    """``1/2 ||x - sg(x - g)||^2``: backpropagates ``g`` (sum) or ``g / x.numel()`` (mean) into x."""
+    """``1/2 ||x - sg(x - g)||^2``: backpropagates ``g`` (sum) or ``g / x.numel()`` (mean) into x;
+    ``per_sample_mean`` leaves one loss per sample, each the mean over its elements."""
     sq = 0.5 * (x - (x - g).detach()).pow(2)
     if reduction == "sum":
         return sq.sum()
@@ -19,7 +20,10 @@ def surrogate_loss(x: Tensor, g: Tensor, reduction: str = "mean") -> Tensor:
         return sq.mean()
     if reduction == "per_sample_sum":  # sum over elements, mean over the batch
         return sq.flatten(1).sum(1).mean()
-    raise ValueError(f"unknown reduction {reduction!r}; expected 'sum', 'mean' or 'per_sample_sum'")
+    if reduction == "per_sample_mean":  # mean over each sample's elements, (B,): its mean is "mean"
+        return sq.flatten(1).mean(1)
+    raise ValueError(f"unknown reduction {reduction!r}; expected 'sum', 'mean', 'per_sample_sum' or "
+                     f"'per_sample_mean'")
 
 
 @torch.no_grad()
