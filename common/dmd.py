@@ -25,9 +25,12 @@ them on another backbone by overriding :meth:`MultiStepDMD.disc_logits`).
   features, per sample.
 * The critic turn: the student turn's output of this iteration, detached (DMD2's order: student,
   critic, discriminator), or in an iteration without one a fresh sample from the same simulation;
-  DSM at ``t ~ U(dsm_range)`` (``dsm_form`` eps with uniform weight: DMD2's).
-* The discriminator turn: the critic turn's fake samples against the batch's real digits, both
-  noised at the same ``t`` with their own noise; the logistic (or hinge) loss on the heads only.
+  DSM at ``t ~ U(dsm_range)`` (``dsm_form`` eps with uniform weight: DMD2's). A project may keep only
+  the outputs of some steps (:meth:`MultiStepDMD.critic_steps`; Flash-DMD's ``fake_source``).
+* The discriminator turn: the critic turn's fake samples (or those of
+  :meth:`MultiStepDMD.discriminator_steps`) against the batch's real digits, both noised at the same
+  ``t`` with their own noise; the logistic (or hinge) loss on the heads only, each half the mean over
+  its own samples; ``discriminator/real_vs_fake`` is the heads' AUC of real against fake.
 * ``grad_cos_every: n`` logs, every n-th iteration with a student turn, the cosine between the DM
   and the GAN terms' gradients on the student's parameters, at each student step of the current
   batch (``student/grad_cos_k<k>``; papers/flash_dmd.md section 7.8, the motivation of the split).
@@ -44,7 +47,8 @@ from torch import Tensor
 
 from common import noise
 from common.config import ConfigError
-from common.critics.discriminator import Discriminator, GanLoss, discriminator_loss, generator_loss
+from common.critics.discriminator import (Discriminator, GanLoss, auc, discriminator_halves, feature_dims,
+                                          generator_loss)
 from common.critics.dsm import DSMWeighting, dsm_loss
 from common.distill_losses import dmd_gradient, surrogate_loss
 from common.one_step import OneStepDistillation
@@ -52,6 +56,7 @@ from common.rng import Purpose
 from common.roles import RoleStep
 from common.sampling import student_times as check_times
 from common.teachers.denoiser import CFGMode, Guided
+from common.teachers.hub import load_null_embedding
 
 StepSampling = Literal["per_batch", "per_sample"]
 TimeMap = Literal["fraction", "sdxl_snr"]
@@ -92,10 +97,12 @@ class MultiStepDMD(OneStepDistillation):
                  dsm_range: list | None = None, gan: bool = True, gan_weight: float = 5e-3,
                  gan_loss: GanLoss = "ns", gan_range: list | None = None, disc_blocks: list | None = None,
                  disc_hidden: int = 128, disc_pool: bool = True, disc_head: str = "mlp", grad_cos_every: int = 0,
-                 **base):
+                 null_embedding: str | None = None, **base):
         super().__init__(**base)
         self.save_hyperparameters()
         den = self.add_teacher_roles(teacher)
+        if null_embedding is not None:  # text teachers: the empty prompt's (packed) embedding, from a prompt file
+            den.null_embedding = load_null_embedding(null_embedding)
         self.noise_convention = conv = den.convention
         if time_map not in ("fraction", "sdxl_snr"):
             raise ConfigError(f"module.time_map must be fraction or sdxl_snr, got {time_map!r}")
@@ -118,12 +125,13 @@ class MultiStepDMD(OneStepDistillation):
 
     def make_discriminator(self, teacher_net) -> Discriminator:
         """DMD2's heads on the critic's ``disc_blocks`` (the critic has the teacher's architecture)."""
-        dim = getattr(teacher_net, "dim", None)
-        if dim is None:
-            raise ConfigError(f"module.disc_blocks: cannot tell the feature width of {type(teacher_net).__name__}")
         h = self.hparams
         try:
-            return Discriminator({b: dim for b in self.disc_blocks}, h.disc_hidden, h.disc_pool, h.disc_head)
+            dims = feature_dims(teacher_net, self.disc_blocks)
+        except ValueError as e:
+            raise ConfigError(f"module.disc_blocks: {e}") from None
+        try:
+            return Discriminator(dims, h.disc_hidden, h.disc_pool, h.disc_head)
         except ValueError as e:
             raise ConfigError(f"module.disc_head / disc_pool: {e}") from None
 
@@ -185,11 +193,15 @@ class MultiStepDMD(OneStepDistillation):
         """The fake score the DMD term reads (the live critic; Flash-DMD may read an EMA of it)."""
         return self.den.fake
 
-    def dmd_term(self, x0, y, ctx, pos, frac_range=None):
-        """``(L_DM per sample, ||g|| per sample)``: the DMD surrogate of ``x0`` (with grad) at
-        ``tau ~ U(frac_range or dmd_range)``."""
+    def dmd_time(self, ctx, pos, frac_range=None):
+        """Each sample's DMD noise level ``tau ~ U(frac_range or dmd_range)`` (keyed by position)."""
+        return self._draw_time(ctx, pos, Purpose.TIME, "dmd_range", frac_range)
+
+    def dmd_term(self, x0, y, ctx, pos, frac_range=None, tau=None):
+        """``(L_DM per sample, ||g|| per sample)``: the DMD surrogate of ``x0`` (with grad) at ``tau``
+        (default :meth:`dmd_time`)."""
         conv = self.noise_convention
-        tau = self._draw_time(ctx, pos, Purpose.TIME, "dmd_range", frac_range)
+        tau = self.dmd_time(ctx, pos, frac_range) if tau is None else tau
         x_tau = conv.add_noise(x0.detach(), ctx.randn(Purpose.NOISE, self.sample_shape, pos), tau)
         with torch.no_grad():
             g = dmd_gradient(self.fake_score().predict(x_tau, tau, y), self.den.teacher.predict(x_tau, tau, y),
@@ -230,33 +242,59 @@ class MultiStepDMD(OneStepDistillation):
         return bool(h.grad_cos_every) and h.gan and h.dmd_weight > 0 and ctx.iteration % h.grad_cos_every == 0
 
     # ---------------------------------------------------------------- critic and discriminator turns
+    def critic_steps(self) -> list[int] | None:
+        """The student steps (0-based) whose outputs the fake score trains on; None: all (DMD2's)."""
+        return None
+
+    def discriminator_steps(self) -> list[int] | None:
+        """The student steps whose outputs are the heads' fake samples; None: all (DMD2's)."""
+        return None
+
+    def _fake_samples(self, source: str, y, ctx, pos, allowed):
+        """``(x0, k, y, pos)``: the samples of role ``source``'s turn of this iteration at the ``allowed``
+        steps (all when None), or, when it did not step or produced none of them, a fresh draw among them."""
+        o = ctx.outputs.get(source, {})
+        if "x0" in o:
+            x0, k, y_o, pos_o = o["x0"], o["k"], o.get("y", y), o.get("pos", pos)
+            keep = torch.ones_like(k, dtype=torch.bool) if allowed is None else torch.isin(k, k.new_tensor(allowed))
+            if keep.all():
+                return x0, k, y_o, pos_o
+            if keep.any():
+                return x0[keep], k[keep], y_o[keep], pos_o[keep]
+        x0, k = self.student_sample(y, ctx, pos, grad=False, allowed=allowed)
+        return x0, k, y, pos
+
     def critic_sample(self, y, ctx, pos):
-        """The fake sample the critic trains on: the student turn's of this iteration, or a fresh one."""
-        return ctx.output("student", "x0", lambda: self.student_sample(y, ctx, pos, grad=False)[0])
+        """``(x0, k, y, pos)``: the fake samples the critic trains on (their steps, labels, positions): the
+        student turn's of this iteration at :meth:`critic_steps`, or fresh ones."""
+        return self._fake_samples("student", y, ctx, pos, self.critic_steps())
 
     def loss_critic(self, batch, ctx):
         h = self.hparams
         _, y, pos = batch
-        x0 = self.critic_sample(y, ctx, pos)
+        x0, k, y, pos = self.critic_sample(y, ctx, pos)
         t = self._draw_time(ctx, pos, Purpose.TIME, "dsm_range")
         eps = ctx.randn(Purpose.NOISE, self.sample_shape, pos)
         x_t = self.noise_convention.add_noise(x0, eps, t)
         level = self.noise_convention.level(t).expand(x0.ndim)
         loss = dsm_loss(self.den.fake(x_t, t, y), x0, eps, x_t, level, self.den.fake.prediction, h.dsm_form,
                         h.dsm_weighting)
-        return RoleStep(loss, outputs={"x0": x0})
+        return RoleStep(loss, outputs={"x0": x0, "k": k, "y": y, "pos": pos})
 
     def discriminator_sample(self, y, ctx, pos):
-        """The fake sample the heads train on: the critic turn's of this iteration, or a fresh one."""
-        return ctx.output("critic", "x0", lambda: self.student_sample(y, ctx, pos, grad=False)[0])
+        """``(x0, k, y, pos)``: the fake samples the heads train on: the critic turn's of this iteration at
+        :meth:`discriminator_steps`, or fresh ones."""
+        return self._fake_samples("critic", y, ctx, pos, self.discriminator_steps())
 
     def loss_discriminator(self, batch, ctx):
         """The logistic (or hinge) loss of the heads: the batch's real digits against this iteration's
         fake samples (:meth:`discriminator_sample`), each through :meth:`disc_logits`."""
         h = self.hparams
         x_real, y, pos = batch
-        fake = self.discriminator_sample(y, ctx, pos)
+        fake, _, y_f, pos_f = self.discriminator_sample(y, ctx, pos)
         l_real = self.disc_logits(x_real, y, ctx, pos, (Purpose.TIME, Purpose.NOISE), False)
-        l_fake = self.disc_logits(fake, y, ctx, pos, (Purpose.TIME, Purpose.EXTRA + 22), False)
-        sep = (l_real.flatten(1).mean(1) > l_fake.flatten(1).mean(1)).float().mean()
-        return RoleStep(discriminator_loss(l_real, l_fake, h.gan_loss).mean(), {"discriminator/real_vs_fake": sep})
+        l_fake = self.disc_logits(fake, y_f, ctx, pos_f, (Purpose.TIME, Purpose.EXTRA + 22), False)
+        real, fake_half = discriminator_halves(l_real, l_fake, h.gan_loss)  # each the mean over its samples
+        loss = real.mean() + fake_half.mean()
+        sep = auc(l_real.flatten(1).mean(1).detach(), l_fake.flatten(1).mean(1).detach())
+        return RoleStep(loss, {"discriminator/real_vs_fake": torch.tensor(sep)})

@@ -3,7 +3,7 @@
 A project declares its networks by role and writes one loss method per trainable role; the base
 owns the rest:
 
-* **roles** (:mod:`common.roles`): student, teacher, critic, discriminator, reward, reference, each
+* **roles** (:mod:`common.roles`): student, teacher, critic, discriminator, reward, reference, encoder, each
   with how it was initialised and whether it trains; one AdamW optimizer per trainable role from the
   config's ``roles.<name>`` section (lr, betas, eps, weight decay, gradient clipping, linear warm-up);
 * **schedule**: which roles step at iteration ``i``, in named phases (the config's ``schedule:``);
@@ -236,8 +236,7 @@ class DistillationModule(L.LightningModule):
             opt.step()
             self._scheduler(name).step()
             self.nonfinite["in_a_row"] = 0
-            if name == "student" and self.ema is not None:
-                self.ema.update()
+            self.after_optimizer_step(name)
         else:
             opt.zero_grad(set_to_none=True)
             self.nonfinite["skipped"] += 1
@@ -253,6 +252,12 @@ class DistillationModule(L.LightningModule):
         # the mean over ranks: under DDP the figures are those of the global batch, as in one process
         self.log_dict({k: (v.float() if isinstance(v, Tensor) else v) for k, v in logs.items()}, sync_dist=True)
         return step
+
+    def after_optimizer_step(self, name: str) -> None:
+        """After role ``name`` took an optimizer step (not after a skipped one): the student's EMA update
+        here; a method adds its own averages (Flash-DMD's EMA of the fake score)."""
+        if name == "student" and self.ema is not None:
+            self.ema.update()
 
     # ---------------------------------------------------------------- checkpoints
     def _identified_tensor_ids(self) -> set[int]:

@@ -22,6 +22,7 @@ class Benchmark:
     gated_training_seeds: list = field(default_factory=lambda: [0])
     gates: dict = field(default_factory=dict)
     grids: dict = field(default_factory=dict)  # variant -> README picture name (default: samples_<variant>.png)
+    claims: dict = field(default_factory=dict)  # settings of a project's claim suites (launchers/benchmark.py)
 
 
 @dataclass

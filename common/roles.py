@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from common.rng import rand_per_sample, randn_per_sample
 
-ROLE_NAMES = ("student", "teacher", "critic", "discriminator", "reward", "reference")
+ROLE_NAMES = ("student", "teacher", "critic", "discriminator", "reward", "reference", "encoder")  # append only: the index keys draws
 CRITIC_INITS = ("copy", "lora")
 
 

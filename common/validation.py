@@ -4,7 +4,9 @@ write ``results.json`` with the final figures at the protocol's sample count, at
 seed and a second one.
 
 The module only says how to sample (``generator_denoiser()``, ``sampler``); nothing here runs during
-training steps, so the metric networks never see a training batch.
+training steps, so the metric networks never see a training batch. A module may add figures of its own
+networks on the same samples: ``sample_metrics(x, labels) -> dict`` (logged as ``val/<name>_<steps>``
+for the names in ``sample_metric_names``, and written to results.json), e.g. Flash-DMD's held-out reward.
 """
 from __future__ import annotations
 
@@ -42,15 +44,19 @@ class Validation(Callback):
 
         gen = Generator(module.generator_denoiser().eval(), module.sampler, "training", False)
         x, labels = draw(gen, steps, None, num_samples=num_samples, seed=seed)
-        return evaluator.evaluate(x, labels, self.cfg.dataset), x
+        res = evaluator.evaluate(x, labels, self.cfg.dataset)
+        extra = getattr(module, "sample_metrics", None)  # a method's own figures of the samples (not the judge's)
+        return ({**res, **extra(x, labels)} if extra is not None else res), x
 
     def on_validation_epoch_end(self, trainer, module):
         if trainer.sanity_checking or trainer.global_rank != 0 or not self.cfg.steps:
             return
+        module.log("val/iteration", float(module.iteration), rank_zero_only=True)  # the row's iteration
         for i, n in enumerate(self.cfg.steps):
             res, x = self._measure(module, n, self.cfg.num_samples, None)
             label = steps_label(n)
             keys = ("fd", "accuracy", "precision", "recall") if "fd" in res else ("swd", "modes_covered")
+            keys += tuple(getattr(module, "sample_metric_names", ()))
             for k in keys:
                 if k in res:  # the first step count's main figure is shown on the progress bar
                     module.log(f"val/{k}_{label}", float(res[k]), rank_zero_only=True,

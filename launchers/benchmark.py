@@ -8,6 +8,11 @@
   python launchers/benchmark.py jvp         attention JVP time and peak memory at 256, 1024, 4096 tokens
   python launchers/benchmark.py draws       the cost of the per-sample keyed random draws per iteration
   python launchers/benchmark.py tangent     the sCM tangent's cost in a student step: jvp against fd_t, fd
+  python launchers/benchmark.py flash_dmd_efficiency
+                                            Flash-DMD's iterations to DMD2's final validation FD (F8)
+  python launchers/benchmark.py flash_dmd_rl
+                                            Flash-DMD's joint reward fine-tuning against the reward-only
+                                            control (F8's stabilisation claim)
   python launchers/benchmark.py <method>    any project whose projects/<method>/project.yaml says
                                             kind: method (swiftbrush, uni_instruct, ...): reruns its
                                             gated variants from scratch at each of its training seeds
@@ -172,13 +177,19 @@ def suite_jvp(args) -> tuple[dict, list[dict]]:
     return {"rows": rows, "table": "\n".join(lines)}, checks
 
 
-def _fit(name: str, config: str, overrides: list[str], grid_to: Path | None = None) -> list[dict]:
+def _fit(name: str, config: str, overrides: list[str], grid_to: Path | None = None,
+         resume_from: Path | None = None) -> list[dict]:
     """One run of ``config`` with ``overrides``, from scratch (its directory removed first), timed; its
     results.json rows (one per step count and sampling seed, ``num_steps`` the number of sampling
     steps). The final grid of the fewest steps is copied to ``grid_to`` (the project README's picture)
-    when given."""
+    when given. ``resume_from``: start from a copy of that run directory instead (its last checkpoint;
+    the overrides may change its config)."""
     run_dir = OUT / name
     shutil.rmtree(run_dir, ignore_errors=True)
+    if resume_from is not None:
+        shutil.copytree(resume_from, run_dir)
+        (run_dir / "results.json").unlink(missing_ok=True)
+        overrides = [*overrides, "run.resume_changes=allow"]
     cmd = [sys.executable, str(ROOT / "launchers" / "fit.py"), config, *overrides, f"run.dir={run_dir}",
            "trainer.enable_progress_bar=false"]
     print("$", " ".join(cmd[1:]), flush=True)
@@ -419,8 +430,101 @@ def _iteration_cost(modes, repeats: int = 5) -> list[dict]:
     return rows
 
 
+def _val_curve(run_dir: Path, steps) -> list[dict]:
+    """The in-run validation rows of a run's metrics.csv at one step count: ``{iteration, fd, recall,
+    ...}`` in order (the method's own figures, e.g. ``reward``, included)."""
+    import csv
+
+    label = steps_label(steps)
+    out = []
+    with open(run_dir / "metrics.csv") as f:
+        for r in csv.DictReader(f):
+            if r.get(f"val/fd_{label}"):
+                out.append({"iteration": int(float(r["val/iteration"])),
+                            **{k[4:-len(label) - 1]: float(v) for k, v in r.items()
+                               if k.startswith("val/") and k.endswith(f"_{label}") and v}})
+    return out
+
+
+FOUR = [1.0, 0.75, 0.5, 0.25]
+
+
+def suite_flash_dmd_efficiency(args) -> tuple[dict, list[dict]]:
+    """F8's efficiency claim: DMD2's and Flash-DMD's defaults from scratch, both validated (4 steps, the
+    in-run sample count and seed) every 1/20 of DMD2's run; the iteration at which Flash-DMD's validation
+    FD first reaches DMD2's final one, over DMD2's iterations (at most 1/2), and the wall-clock ratio
+    beside it (Flash-DMD's fit time up to that iteration, pro rata, over DMD2's whole fit)."""
+    from common.config import load_config
+
+    methods = projects("method")
+    cfgs = {n: str(methods[n].config.relative_to(ROOT)) for n in ("dmd2", "flash_dmd")}
+    iters = {n: int(load_config(c)["run"]["iterations"]) for n, c in cfgs.items()}
+    every = iters["dmd2"] // 20
+    common = [f"trainer.val_check_interval={every}", f"validation.steps=[{FOUR}]"]
+    runs = {}
+    for n in ("dmd2", "flash_dmd"):
+        fit = _fit(f"efficiency_{n}", cfgs[n], common)
+        runs[n] = {"curve": _val_curve(OUT / f"efficiency_{n}", FOUR), "fit_seconds": fit[0]["fit_seconds"]}
+    target = runs["dmd2"]["curve"][-1]["fd"]
+    hit = next((r["iteration"] for r in runs["flash_dmd"]["curve"] if r["fd"] <= target), None)
+    ratio = hit / iters["dmd2"] if hit is not None else float("inf")
+    wall = (runs["flash_dmd"]["fit_seconds"] * hit / iters["flash_dmd"]) / runs["dmd2"]["fit_seconds"] \
+        if hit is not None else float("inf")
+    lines = [f"In-run validation (4 steps, the config's sample count, the pinned seed) every {every} iterations; "
+             f"DMD2's final validation FD {target:.2f}.", "", "| iteration | DMD2 FD | Flash-DMD FD |", "|---|---|---|"]
+    fl = {r["iteration"]: r["fd"] for r in runs["flash_dmd"]["curve"]}
+    for r in runs["dmd2"]["curve"]:
+        lines.append(f"| {r['iteration']} | {r['fd']:.2f} | {_fmt(fl.get(r['iteration']))} |")
+    lines += ["", f"Flash-DMD first at or under {target:.2f}: iteration {hit} ({_fmt(ratio, 3)} of DMD2's "
+              f"{iters['dmd2']}); wall clock {_fmt(wall, 3)} of DMD2's {runs['dmd2']['fit_seconds']:.0f} s "
+              f"(Flash-DMD's {runs['flash_dmd']['fit_seconds']:.0f} s pro rata; the paper: 2.1 % of DMD2's cost)."]
+    checks = [_check("Flash-DMD iterations to DMD2's final validation FD / DMD2's iterations", ratio, "<=", 0.5)]
+    return {"runs": runs, "target_fd": target, "hit_iteration": hit, "iteration_ratio": ratio, "wall_ratio": wall,
+            "table": "\n".join(lines)}, checks
+
+
+def suite_flash_dmd_rl(args) -> tuple[dict, list[dict]]:
+    """F8's stabilisation claim: Flash-DMD's default (stage 1, its config's iterations), then the joint
+    reward fine-tuning (``rl_mode``, distillation running on) and the reward-only control (``rl_distill:
+    false``), each resumed from the same stage-1 checkpoint for as many iterations again, validated
+    (4 steps) every 1/10 of the stage-2 length with the held-out reward. Gates: the joint run's reward
+    gain at least half the control's; its FD at the end at most 10 % above, its recall at most 0.05
+    below, the same run's at the start of stage 2."""
+    from common.config import load_config
+
+    project = projects("method")["flash_dmd"]
+    cfg = str(project.config.relative_to(ROOT))
+    rl = project.benchmark.claims.get("rl", {})
+    start = int(load_config(cfg)["run"]["iterations"])
+    length = int(rl.get("iterations", start // 2))
+    every = max(length // 10, 1)
+    stage2 = [*rl.get("overrides", ["module.rl_mode=step_dpo"]), f"module.rl_start={start}"]
+    val = [f"trainer.val_check_interval={every}", f"validation.steps=[{FOUR}]"]
+    _fit("rl_stage1", cfg, [*stage2, *val, f"run.iterations={start}"])
+    curves = {}
+    for name, extra in (("joint", []), ("control", ["module.rl_distill=false"])):
+        _fit(f"rl_{name}", cfg, [*stage2, *extra, *val, f"run.iterations={start + length}"],
+             resume_from=OUT / "rl_stage1")
+        curves[name] = [r for r in _val_curve(OUT / f"rl_{name}", FOUR) if r["iteration"] >= start]
+    first, last = curves["joint"][0], curves["joint"][-1]
+    gain = {n: c[-1]["reward"] - c[0]["reward"] for n, c in curves.items()}
+    lines = [f"Stage 2 from iteration {start} for {length} iterations ({' '.join(stage2)}); in-run validation "
+             f"(4 steps) every {every}: held-out reward (validation draws), FD, recall.", "",
+             "| iteration | joint reward | joint FD | joint recall | control reward | control FD | control recall |",
+             "|---|---|---|---|---|---|---|"]
+    for a, b in zip(curves["joint"], curves["control"]):
+        lines.append(f"| {a['iteration']} | {a['reward']:.3f} | {a['fd']:.2f} | {a['recall']:.3f} | {b['reward']:.3f} | "
+                     f"{b['fd']:.2f} | {b['recall']:.3f} |")
+    checks = [_check("joint reward gain / reward-only control's gain", gain["joint"] / gain["control"]
+                     if gain["control"] > 0 else float("-inf"), ">=", 0.5),
+              _check("joint FD at the end / at the start of stage 2", last["fd"] / first["fd"], "<=", 1.1),
+              _check("joint recall at the end - at the start of stage 2", last["recall"] - first["recall"], ">=", -0.05)]
+    return {"curves": curves, "gain": gain, "table": "\n".join(lines)}, checks
+
+
 SUITES = {"teacher": suite_teacher, "guidance": suite_guidance, "toy": suite_toy, "jvp": suite_jvp,
-          "draws": suite_draws, "tangent": suite_tangent}
+          "draws": suite_draws, "tangent": suite_tangent, "flash_dmd_efficiency": suite_flash_dmd_efficiency,
+          "flash_dmd_rl": suite_flash_dmd_rl}
 
 
 def main(argv=None) -> int:

@@ -160,9 +160,13 @@ def test_sdxl_snr_puts_dmd2s_times_at_the_noise_levels_they_name(tiny_teacher):
     assert _module(tiny_teacher).times == pytest.approx([1.0, 749 / 999, 499 / 999, 249 / 999])
 
 
-def test_a_fit_never_runs_the_metric_classifier_outside_validation(tiny_teacher, tmp_path, monkeypatch):
+@pytest.mark.parametrize("project, extra", [("dmd2", []),
+                                            ("flash_dmd", ["module.rl_mode=step_dpo", "module.rl_start=2"])])
+def test_a_fit_never_runs_the_metric_classifier_outside_validation(project, extra, tiny_teacher, tmp_path,
+                                                                   monkeypatch):
     """The judge stays out of training (DESIGN.md): with validation off, a short fit (student, critic
-    and discriminator turns) calls the metric classifier zero times; the counter does see the metric path."""
+    and discriminator turns; Flash-DMD's pixel GAN on its own encoder and its reward stage from
+    iteration 2) calls the metric classifier zero times; the counter does see the metric path."""
     from common import runner
     from common.config import load_config
     from common.metrics import evaluator
@@ -173,14 +177,16 @@ def test_a_fit_never_runs_the_metric_classifier_outside_validation(tiny_teacher,
         original = getattr(DigitClassifier, name)
         monkeypatch.setattr(DigitClassifier, name,
                             lambda self, x, _f=original, _n=name: calls.append(_n) or _f(self, x))
-    cfg = load_config(str(Path(__file__).parents[1] / "projects" / "dmd2" / "config.yaml"), [
-        f"module.teacher={tiny_teacher}", "validation.steps=[]", "trainer.val_check_interval=1000",
+    cfg = load_config(str(Path(__file__).parents[1] / "projects" / project / "config.yaml"), [
+        *extra, f"module.teacher={tiny_teacher}", "validation.steps=[]", "trainer.val_check_interval=1000",
         "data.batch_size=4", "run.iterations=4", "run.ckpt_every=1000", f"run.dir={tmp_path / 'run'}"])
     trainer, module, datamodule, ckpt = runner.build(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     assert module.iteration == 4 and module.schedule.steps_per_role(4) == {"critic": 4, "discriminator": 4,
                                                                            "student": 2}
     assert calls == []
+    if project == "flash_dmd":  # the reward stage ran: the reference copied at its first student turn
+        assert int(module.reference_copied_at) == 3
     evaluator.classify(torch.zeros(2, 1, 32, 32))
     assert calls  # the metric path goes through the counted methods
 

@@ -187,6 +187,117 @@ def test_swiftbrush_vp_student_is_the_eps_form_at_the_last_timestep(sd_like):
     torch.testing.assert_close(null[1], c[1])
 
 
+def _latent_shards(root, shape, cond_shape, n=8):
+    from common.data.shards import write_shards
+
+    rng = np.random.default_rng(0)
+    write_shards(root / "latents", "train", ({"__key__": f"{i:05d}",
+                                              "latent.npy": _npy(rng.standard_normal(shape).astype(np.float16)),
+                                              "text.npy": _npy(rng.standard_normal(cond_shape).astype(np.float16))}
+                                             for i in range(n)))
+    np.savez(root / "prompts.npz", embeddings=rng.standard_normal((4, *cond_shape)).astype(np.float16),
+             null=rng.standard_normal(cond_shape).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def sdxl_like(tmp_path_factory):
+    """An SDXL-shaped UNet (text_time added conditions: a pooled embedding of 8 and six time ids) with
+    its scaled-linear DDPM scheduler, and latent shards whose conditions are packed (5 tokens + 1)."""
+    root = tmp_path_factory.mktemp("sdxl")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4)
+    unet.save_pretrained(root / "model" / "unet")
+    _scheduler(root / "model", "scaled_linear", 0.012)
+    _latent_shards(root, (4, 8, 8), (6, 16))
+    return root
+
+
+@pytest.fixture(scope="module")
+def sd3_like(tmp_path_factory):
+    """An SD3-shaped joint flow transformer (pooled projection of 8) with its flow scheduler (shift 3),
+    and latent shards whose conditions are packed (5 tokens + 1)."""
+    root = tmp_path_factory.mktemp("sd3")
+    torch.manual_seed(0)
+    model = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+        pos_embed_max_size=8)
+    model.save_pretrained(root / "model" / "transformer")
+    (root / "model" / "scheduler").mkdir(parents=True)
+    (root / "model" / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}))
+    _latent_shards(root, (4, 8, 8), (6, 16))
+    return root
+
+
+def test_packed_conditions_reach_sdxl_and_sd3_as_their_own_arguments(sdxl_like, sd3_like):
+    from common.teachers.hub import pack_condition, unpack_condition
+
+    g = torch.Generator().manual_seed(0)
+    text, pooled, ids = torch.randn(2, 5, 16, generator=g), torch.randn(2, 8, generator=g), \
+        torch.tensor([[64.0, 64, 0, 0, 64, 64], [32, 32, 0, 0, 64, 64]])
+    packed = pack_condition(text, pooled, ids)
+    assert packed.shape == (2, 6, 16)
+    for a, b in zip(unpack_condition(packed, 8, True), (text, pooled, ids)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="do not fit in one token of width 4"):
+        pack_condition(text[..., :4], pooled, ids)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 500.0])
+    den = load_teacher(f"diffusers:{sdxl_like / 'model'}")
+    assert isinstance(den.convention, noise.DiscreteVP)
+    want = den.net.model(x, t, encoder_hidden_states=text, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids},
+                         return_dict=False)[0]
+    torch.testing.assert_close(den(x, t, packed), want)
+    other = pack_condition(text, pooled, ids.flip(0))  # the time ids matter
+    assert not torch.allclose(den(x, t, other), want)
+    assert den.net.feature_dims(["mid_block", "down_blocks.0", "up_blocks.0"]) == \
+        {"mid_block": 16, "down_blocks.0": 8, "up_blocks.0": 16}
+    den = load_teacher(f"diffusers:{sd3_like / 'model'}")
+    assert isinstance(den.convention, noise.RectifiedFlow) and den.prediction == "flow"
+    packed = pack_condition(text, pooled)
+    s = torch.tensor([0.3, 0.9])
+    want = den.net.model(x, encoder_hidden_states=text, pooled_projections=pooled, timestep=1000 * s,
+                         return_dict=False)[0]
+    torch.testing.assert_close(den(x, s, packed), want)
+    _, feats = den(x, s, packed, return_features=["transformer_blocks.0"])
+    assert feats["transformer_blocks.0"].shape == (2, 16, 16)  # the image tokens, not the text stream
+
+
+DMD_STEPS = ["schedule=[{name: main, cycle: [[student, critic, discriminator]]}]", "data.batch_size=2",
+             "trainer.devices=1", "trainer.strategy=auto", "trainer.precision=32-true"]
+
+
+@pytest.mark.parametrize("project,overrides", [
+    # DMD2 and Flash-DMD on SDXL's packed conditions, Flash-DMD's flow variant on SD3's: every turn
+    ("dmd2", lambda r: ["projects/dmd2/configs/sdxl_4step.yaml", f"module.teacher=diffusers:{r / 'model'}",
+                        f"module.null_embedding={r / 'prompts.npz'}", f"data.shards={r / 'latents'}", *DMD_STEPS]),
+    ("flash_dmd", lambda r: ["projects/flash_dmd/configs/sdxl_4step.yaml", f"module.teacher=diffusers:{r / 'model'}",
+                             f"module.null_embedding={r / 'prompts.npz'}", f"data.shards={r / 'latents'}",
+                             *DMD_STEPS]),
+    ("flash_dmd_sd3", lambda r: ["projects/flash_dmd/configs/sd3_medium_4step.yaml",
+                                 f"module.teacher=diffusers:{r / 'model'}", f"module.null_embedding={r / 'prompts.npz'}",
+                                 f"data.shards={r / 'latents'}", "module.disc_blocks=[transformer_blocks.0]",
+                                 *DMD_STEPS]),
+])
+def test_dmd_paper_scale_configs_train_two_steps(project, overrides, sdxl_like, sd3_like, tmp_path):
+    import csv
+
+    root = sd3_like if project.endswith("sd3") else sdxl_like
+    out = tmp_path / "run"
+    run("launchers/fit.py", *overrides(root), "run.iterations=2", "trainer.log_every_n_steps=1", f"run.dir={out}",
+        check=True)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    losses = {k: [float(r[k]) for r in rows if r.get(k)] for k in ("student/loss", "critic/loss", "discriminator/loss")}
+    assert all(len(v) == 2 and all(np.isfinite(v)) for v in losses.values()), losses
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["distill"]["iteration"] == 2
+    assert not any(k.startswith("nets.teacher.") for k in ckpt["state_dict"])
+
+
 @pytest.mark.parametrize("project,overrides", [
     ("swiftbrush", lambda r: ["projects/swiftbrush/configs/sd21_base.yaml",
                               f"module.teacher=diffusers:{r / 'model'}", f"module.null_embedding={r / 'prompts.npz'}",
@@ -231,7 +342,9 @@ def test_paper_scale_config_trains_a_few_steps(project, overrides, sd_like, cifa
 @pytest.mark.parametrize("project,config", [("swiftbrush", "configs/sd21_base.yaml"),
                                             ("uni_instruct", "configs/cifar10_ddpm.yaml"),
                                             ("rcm", "configs/wan2.1_t2v_1.3b.yaml"),
-                                            ("sana_sprint", "configs/sana_1.6b_1024px.yaml")])
+                                            ("sana_sprint", "configs/sana_1.6b_1024px.yaml"),
+                                            ("dmd2", "configs/sdxl_4step.yaml"),
+                                            ("flash_dmd", "configs/sdxl_4step.yaml")])
 def test_reproduce_script_submits_the_paper_config_through_the_slurm_launcher(project, config):
     import subprocess
 

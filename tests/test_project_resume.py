@@ -16,7 +16,9 @@ EXTRA = {"uni_instruct": ["schedule.0.until=2", "schedule.1.until=4", "module.fe
          # the tangent warm-up, then critic and student (with the DMD term) alternating
          "rcm": ["schedule.0.until=1", "schedule.1.until=3", "module.tangent_warmup=2", "schedule.2.cycle=[[critic],[student]]"],
          # the dense phase, then G and D alternating, the tangent warm-up ending inside the run
-         "sana_sprint": ["schedule.0.until=2", "module.tangent_warmup=2", "module.disc_blocks=[block1,block3]"]}
+         "sana_sprint": ["schedule.0.until=2", "module.tangent_warmup=2", "module.disc_blocks=[block1,block3]"],
+         # the reward stage from iteration 2 (its reference copied before the stop), the EMA fake score
+         "flash_dmd": ["module.rl_mode=step_dpo", "module.rl_start=2", "module.fake_ema=0.9"]}
 STOP, END = 3, 6  # iterations
 
 

@@ -8,7 +8,7 @@ Uni-Instruct's density ratio).
   token; the heads' logits are concatenated along the positions. ``head="mlp"`` (:class:`Head`, a
   per-token MLP) or ``head="conv"`` (:class:`ConvHead`, SANA-Sprint's / ADD's form: spectral-norm
   1-D convolutions along the token sequence with a local batch norm).
-* :func:`discriminator_loss` / :func:`generator_loss`: ``hinge`` or ``ns`` (non-saturating, i.e. the
+* :func:`discriminator_loss` (:func:`discriminator_halves`) / :func:`generator_loss`: ``hinge`` or ``ns`` (non-saturating, i.e. the
   logistic loss), per sample (the mean over positions).
 * :func:`auc`: how well scores separate real from generated samples (0.5: not at all).
 """
@@ -44,6 +44,17 @@ class FeatureHooks:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def feature_dims(net: nn.Module, names: list[str]) -> dict[str, int]:
+    """The width of each named block's features of a teacher-shaped network: the network's own
+    ``feature_dims`` (diffusers models, common/teachers/hub.py), else its token width ``dim`` (the
+    embedded DiT)."""
+    if hasattr(net, "feature_dims"):
+        return net.feature_dims(names)
+    if getattr(net, "dim", None) is None:
+        raise ValueError(f"cannot tell the feature width of {type(net).__name__}")
+    return {n: net.dim for n in names}
 
 
 class Head(nn.Module):
@@ -146,14 +157,21 @@ class Discriminator(nn.Module):
         return torch.cat([h(features[n]) for n, h in zip(self.names, self.heads)], dim=1)
 
 
-def discriminator_loss(logit_real: Tensor, logit_fake: Tensor, kind: GanLoss = "ns") -> Tensor:
-    """Per sample: ``hinge``: ``relu(1 - l_real) + relu(1 + l_fake)``; ``ns``: ``softplus(-l_real) +
-    softplus(l_fake)`` (the logistic loss, BCE with real = 1), each the mean over positions."""
+def discriminator_halves(logit_real: Tensor, logit_fake: Tensor, kind: GanLoss = "ns") -> tuple[Tensor, Tensor]:
+    """The real and the fake halves of the discriminator's loss, per sample of each (the two batches may
+    differ in size): ``hinge``: ``relu(1 - l_real)``, ``relu(1 + l_fake)``; ``ns``: ``softplus(-l_real)``,
+    ``softplus(l_fake)`` (the logistic loss, BCE with real = 1), each the mean over positions."""
     if kind == "hinge":
-        return F.relu(1 - logit_real).flatten(1).mean(1) + F.relu(1 + logit_fake).flatten(1).mean(1)
+        return F.relu(1 - logit_real).flatten(1).mean(1), F.relu(1 + logit_fake).flatten(1).mean(1)
     if kind == "ns":
-        return F.softplus(-logit_real).flatten(1).mean(1) + F.softplus(logit_fake).flatten(1).mean(1)
+        return F.softplus(-logit_real).flatten(1).mean(1), F.softplus(logit_fake).flatten(1).mean(1)
     raise ValueError(f"unknown GAN loss {kind!r}; expected 'hinge' or 'ns'")
+
+
+def discriminator_loss(logit_real: Tensor, logit_fake: Tensor, kind: GanLoss = "ns") -> Tensor:
+    """Per sample pair, the sum of :func:`discriminator_halves`."""
+    real, fake = discriminator_halves(logit_real, logit_fake, kind)
+    return real + fake
 
 
 def generator_loss(logit_fake: Tensor, kind: GanLoss = "ns") -> Tensor:

@@ -10,15 +10,14 @@ the shipped weights ``common/nets/weights/mnist_ae.pt`` came from it (their ``me
 """
 from __future__ import annotations
 
-import argparse
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.teachers.embedded import build_net, file_sha256, load_weights, save_weights
+from common.nets.recipe import recipe_main, train_small
+from common.teachers.embedded import build_net, file_sha256, load_weights
 
 WEIGHTS = {"mnist_ae": Path(__file__).parent / "weights" / "mnist_ae.pt"}
 
@@ -78,42 +77,26 @@ def load_encoder(name_or_path: str = "mnist_ae") -> tuple[Encoder, dict]:
 def train(out: str, steps: int = 1500, batch_size: int = 64, lr: float = 1e-3, seed: int = 0) -> dict:
     """Reconstruction (MSE) of the 4,000 training digits with random shifts of up to 2 pixels; AdamW
     with a cosine decay; the held-out reconstruction MSE is in the weights' meta."""
-    from tqdm import tqdm
-
     from common.data.embedded import load_tensors
 
-    torch.manual_seed(seed)
     x, _ = load_tensors("mnist", "train")
     x_val, _ = load_tensors("mnist", "heldout")
     spec = {"target": "common.nets.autoencoder.ConvAutoencoder", "in_channels": 1, "widths": [16, 32, 64, 64],
             "latent": 8}
-    net = build_net(spec)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    g = torch.Generator().manual_seed(seed)
-    t0 = time.time()
-    for _ in (bar := tqdm(range(steps), desc="autoencoder")):
+
+    def loss(net, g):
         xb = x[torch.randint(len(x), (batch_size,), generator=g)]
         dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=g))
         xb = torch.roll(xb, (dx, dy), (2, 3))
-        loss = F.mse_loss(net(xb), xb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(mse=f"{loss.item():.4f}")
-    with torch.no_grad():
-        val = sum(F.mse_loss(net(xb), xb, reduction="sum").item() for xb in x_val.split(500)) / x_val.numel()
-    meta = {"recipe": "python -m common.nets.autoencoder", "steps": steps, "batch_size": batch_size, "lr": lr,
-            "seed": seed, "train_seconds": round(time.time() - t0, 1), "heldout_mse": round(val, 5)}
-    save_weights(out, spec, net.state_dict(), meta)
-    return meta
+        return F.mse_loss(net(xb), xb)
+
+    def heldout(net):
+        mse = sum(F.mse_loss(net(xb), xb, reduction="sum").item() for xb in x_val.split(500)) / x_val.numel()
+        return {"heldout_mse": round(mse, 5)}
+
+    return train_small(spec, loss, out, steps=steps, lr=lr, seed=seed, desc="autoencoder", evaluate=heldout,
+                       recipe="python -m common.nets.autoencoder", batch_size=batch_size)
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(WEIGHTS["mnist_ae"]))
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    print(train(a.out, a.steps, seed=a.seed))
+    recipe_main(__doc__, str(WEIGHTS["mnist_ae"]), 1500, train)

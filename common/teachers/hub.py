@@ -10,6 +10,13 @@ Conditions: a text-conditioned UNet (``UNet2DConditionModel``) and the transform
 precomputed text embeddings (B, L, D), with the empty-prompt (or negative-prompt) embedding as the null
 condition; a class-conditional ``UNet2DModel`` takes labels; an unconditional one ignores ``cond``.
 Flow-matching transformers predict the velocity ``u = eps - x0`` at ``1000 s`` (diffusers' timestep).
+
+Models with conditions beyond the token sequence take them packed into one extra last token, so that
+``cond`` stays one tensor (B, L + 1, D) that guidance, label dropout and per-sample indexing handle as
+any other (:func:`pack_condition`): SDXL's UNet (``addition_embed_type: text_time``) reads the pooled
+text embedding and the six ``time_ids`` (original size, crop, target size) from it, SD3's transformer
+(``SD3Transformer2DModel``) its ``pooled_projections``. Prompt files for them hold packed embeddings
+(the null one too: the empty prompt's, with its pooled embedding and time ids).
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from common import noise
@@ -25,7 +33,24 @@ from common.teachers.denoiser import Denoiser
 PREFIX = "diffusers:"
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 UNETS = ("UNet2DConditionModel", "UNet2DModel")
-TRANSFORMERS = ("SanaTransformer2DModel", "WanTransformer3DModel")  # flow matching, text-conditioned
+TRANSFORMERS = ("SanaTransformer2DModel", "WanTransformer3DModel", "SD3Transformer2DModel")  # flow, text
+
+
+def pack_condition(text: Tensor, pooled: Tensor, time_ids: Tensor | None = None) -> Tensor:
+    """``(B, L + 1, D)``: the text tokens ``(B, L, D)`` and a last token holding the pooled embedding
+    ``(B, P)`` then the time ids ``(B, 6)`` (SDXL), zero-padded to ``D``."""
+    extra = pooled if time_ids is None else torch.cat([pooled, time_ids.to(pooled)], 1)
+    if extra.shape[1] > text.shape[2]:
+        raise ValueError(f"the pooled embedding and time ids ({extra.shape[1]} values) do not fit in one token of "
+                         f"width {text.shape[2]}")
+    last = torch.nn.functional.pad(extra.to(text), (0, text.shape[2] - extra.shape[1]))
+    return torch.cat([text, last[:, None]], 1)
+
+
+def unpack_condition(cond: Tensor, pooled_dim: int, time_ids: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The inverse of :func:`pack_condition`: ``(text, pooled, time_ids or None)``."""
+    last = cond[:, -1]
+    return cond[:, :-1], last[:, :pooled_dim], last[:, pooled_dim:pooled_dim + 6] if time_ids else None
 
 
 class DiffusersNet(nn.Module):
@@ -43,6 +68,41 @@ class DiffusersNet(nn.Module):
         self.text_conditioned = self.kind in TRANSFORMERS or getattr(cfg, "cross_attention_dim", None) is not None
         self.class_conditioned = bool(getattr(cfg, "num_class_embeds", None)) or \
             getattr(cfg, "class_embed_type", None) is not None
+        # conditions packed into a last token (pack_condition): SDXL's text_time, SD3's pooled projection
+        self.time_ids = getattr(cfg, "addition_embed_type", None) == "text_time"
+        if self.time_ids:
+            self.pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        else:
+            self.pooled_dim = getattr(cfg, "pooled_projection_dim", None) if self.kind == "SD3Transformer2DModel" \
+                else None
+
+    def _image_stream(self, out):
+        """A block's image features: a UNet down block's ``(hidden, residuals)`` first; an SD3 joint
+        block's ``(text, image)`` second."""
+        if not isinstance(out, tuple):
+            return out
+        return out[-1] if self.kind == "SD3Transformer2DModel" else out[0]
+
+    def feature_dims(self, names: list[str]) -> dict[str, int]:
+        """The channel (token) width of each named block's output: a transformer's ``heads * head_dim``;
+        a UNet's ``mid_block``, ``down_blocks.<i>``, ``up_blocks.<i>`` from its ``block_out_channels``."""
+        cfg = self.model.config
+        out = {}
+        for name in names:
+            if self.kind in TRANSFORMERS:
+                out[name] = cfg.num_attention_heads * cfg.attention_head_dim
+                continue
+            chans = list(cfg.block_out_channels)
+            parts = name.split(".")
+            if name == "mid_block":
+                out[name] = chans[-1]
+            elif len(parts) == 2 and parts[0] in ("down_blocks", "up_blocks") and parts[1].isdigit() \
+                    and int(parts[1]) < len(chans):
+                out[name] = (chans if parts[0] == "down_blocks" else chans[::-1])[int(parts[1])]
+            else:
+                raise ValueError(f"cannot tell the feature width of block {name!r} of {self.kind} (use mid_block, "
+                                 f"down_blocks.<i> or up_blocks.<i>, i < {len(chans)})")
+        return out
 
     def forward(self, x: Tensor, t: Tensor, cond=None, return_features: list[str] | None = None,
                 guidance: Tensor | None = None):
@@ -55,9 +115,17 @@ class DiffusersNet(nn.Module):
             if module is None:
                 raise KeyError(f"no submodule {name!r} in {type(self.model).__name__} to return features from")
             hooks.append(module.register_forward_hook(
-                lambda _m, _i, out, name=name: feats.__setitem__(name, out[0] if isinstance(out, tuple) else out)))
+                lambda _m, _i, out, name=name: feats.__setitem__(name, self._image_stream(out))))
         try:
-            if self.kind in TRANSFORMERS:
+            if self.pooled_dim is not None:
+                text, pooled, time_ids = unpack_condition(cond, self.pooled_dim, self.time_ids)
+                if self.time_ids:
+                    out = self.model(x, t, encoder_hidden_states=text, return_dict=False,
+                                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})[0]
+                else:
+                    out = self.model(x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+                                     return_dict=False)[0]
+            elif self.kind in TRANSFORMERS:
                 out = self.model(x, encoder_hidden_states=cond, timestep=t, return_dict=False, **extra)[0]
             elif self.text_conditioned:
                 out = self.model(x, t, encoder_hidden_states=cond, return_dict=False)[0]

@@ -34,4 +34,4 @@ class DMD2(MultiStepDMD):
             logs["student/gan"] = l_gan.detach()
         if self.wants_grad_cosines(ctx):
             logs.update(self.grad_cosines(y, ctx, pos))
-        return RoleStep(loss, logs, outputs={"x0": x0.detach()})
+        return RoleStep(loss, logs, outputs={"x0": x0.detach(), "k": k})

@@ -42,8 +42,7 @@ import torch.nn.functional as F
 
 from common import noise, scm
 from common.config import ConfigError
-from common.critics.discriminator import Discriminator, generator_loss
-from common.nets.dit import DiT
+from common.critics.discriminator import Discriminator, feature_dims, generator_loss
 from common.one_step import OneStepDistillation
 from common.rng import Purpose
 from common.roles import RoleStep
@@ -53,17 +52,6 @@ from common.teachers.hub import load_null_embedding
 from projects.sana_sprint.student import SprintStudent, WithGuidance
 
 HALF_PI = math.pi / 2
-
-
-def feature_dims(net, names: list[str]) -> dict[str, int]:
-    """The token width of each hooked block: the embedded DiT's ``dim``, a diffusers transformer's
-    ``num_attention_heads * attention_head_dim``."""
-    if isinstance(net, DiT):
-        dim = net.dim
-    else:
-        cfg = net.model.config
-        dim = cfg.num_attention_heads * cfg.attention_head_dim
-    return {n: dim for n in names}
 
 
 class SanaSprint(OneStepDistillation):
