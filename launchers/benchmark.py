@@ -8,11 +8,10 @@
   python launchers/benchmark.py jvp         attention JVP time and peak memory at 256, 1024, 4096 tokens
   python launchers/benchmark.py draws       the cost of the per-sample keyed random draws per iteration
   python launchers/benchmark.py tangent     the sCM tangent's cost in a student step: jvp against fd_t, fd
-  python launchers/benchmark.py flash_dmd_efficiency
-                                            Flash-DMD's iterations to DMD2's final validation FD (F8)
-  python launchers/benchmark.py flash_dmd_rl
-                                            Flash-DMD's joint reward fine-tuning against the reward-only
-                                            control (F8's stabilisation claim)
+  python launchers/benchmark.py <method>_<claim>
+                                            a paper claim a project's project.yaml lists under
+                                            benchmark.claims (e.g. the efficiency of one method against
+                                            another), run by the project's own function
   python launchers/benchmark.py <method>    any project whose projects/<method>/project.yaml says
                                             kind: method (swiftbrush, uni_instruct, ...): reruns its
                                             gated variants from scratch at each of its training seeds
@@ -446,91 +445,36 @@ def _val_curve(run_dir: Path, steps) -> list[dict]:
     return out
 
 
-FOUR = [1.0, 0.75, 0.5, 0.25]
-
-
-def suite_flash_dmd_efficiency(args) -> tuple[dict, list[dict]]:
-    """F8's efficiency claim: DMD2's and Flash-DMD's defaults from scratch, both validated (4 steps, the
-    in-run sample count and seed) every 1/20 of DMD2's run; the iteration at which Flash-DMD's validation
-    FD first reaches DMD2's final one, over DMD2's iterations (at most 1/2), and the wall-clock ratio
-    beside it (Flash-DMD's fit time up to that iteration, pro rata, over DMD2's whole fit)."""
-    from common.config import load_config
-
-    methods = projects("method")
-    cfgs = {n: str(methods[n].config.relative_to(ROOT)) for n in ("dmd2", "flash_dmd")}
-    iters = {n: int(load_config(c)["run"]["iterations"]) for n, c in cfgs.items()}
-    every = iters["dmd2"] // 20
-    common = [f"trainer.val_check_interval={every}", f"validation.steps=[{FOUR}]"]
-    runs = {}
-    for n in ("dmd2", "flash_dmd"):
-        fit = _fit(f"efficiency_{n}", cfgs[n], common)
-        runs[n] = {"curve": _val_curve(OUT / f"efficiency_{n}", FOUR), "fit_seconds": fit[0]["fit_seconds"]}
-    target = runs["dmd2"]["curve"][-1]["fd"]
-    hit = next((r["iteration"] for r in runs["flash_dmd"]["curve"] if r["fd"] <= target), None)
-    ratio = hit / iters["dmd2"] if hit is not None else float("inf")
-    wall = (runs["flash_dmd"]["fit_seconds"] * hit / iters["flash_dmd"]) / runs["dmd2"]["fit_seconds"] \
-        if hit is not None else float("inf")
-    lines = [f"In-run validation (4 steps, the config's sample count, the pinned seed) every {every} iterations; "
-             f"DMD2's final validation FD {target:.2f}.", "", "| iteration | DMD2 FD | Flash-DMD FD |", "|---|---|---|"]
-    fl = {r["iteration"]: r["fd"] for r in runs["flash_dmd"]["curve"]}
-    for r in runs["dmd2"]["curve"]:
-        lines.append(f"| {r['iteration']} | {r['fd']:.2f} | {_fmt(fl.get(r['iteration']))} |")
-    lines += ["", f"Flash-DMD first at or under {target:.2f}: iteration {hit} ({_fmt(ratio, 3)} of DMD2's "
-              f"{iters['dmd2']}); wall clock {_fmt(wall, 3)} of DMD2's {runs['dmd2']['fit_seconds']:.0f} s "
-              f"(Flash-DMD's {runs['flash_dmd']['fit_seconds']:.0f} s pro rata; the paper: 2.1 % of DMD2's cost)."]
-    checks = [_check("Flash-DMD iterations to DMD2's final validation FD / DMD2's iterations", ratio, "<=", 0.5)]
-    return {"runs": runs, "target_fd": target, "hit_iteration": hit, "iteration_ratio": ratio, "wall_ratio": wall,
-            "table": "\n".join(lines)}, checks
-
-
-def suite_flash_dmd_rl(args) -> tuple[dict, list[dict]]:
-    """F8's stabilisation claim: Flash-DMD's default (stage 1, its config's iterations), then the joint
-    reward fine-tuning (``rl_mode``, distillation running on) and the reward-only control (``rl_distill:
-    false``), each resumed from the same stage-1 checkpoint for as many iterations again, validated
-    (4 steps) every 1/10 of the stage-2 length with the held-out reward. Gates: the joint run's reward
-    gain at least half the control's; its FD at the end at most 10 % above, its recall at most 0.05
-    below, the same run's at the start of stage 2."""
-    from common.config import load_config
-
-    project = projects("method")["flash_dmd"]
-    cfg = str(project.config.relative_to(ROOT))
-    rl = project.benchmark.claims.get("rl", {})
-    start = int(load_config(cfg)["run"]["iterations"])
-    length = int(rl.get("iterations", start // 2))
-    every = max(length // 10, 1)
-    stage2 = [*rl.get("overrides", ["module.rl_mode=step_dpo"]), f"module.rl_start={start}"]
-    val = [f"trainer.val_check_interval={every}", f"validation.steps=[{FOUR}]"]
-    _fit("rl_stage1", cfg, [*stage2, *val, f"run.iterations={start}"])
-    curves = {}
-    for name, extra in (("joint", []), ("control", ["module.rl_distill=false"])):
-        _fit(f"rl_{name}", cfg, [*stage2, *extra, *val, f"run.iterations={start + length}"],
-             resume_from=OUT / "rl_stage1")
-        curves[name] = [r for r in _val_curve(OUT / f"rl_{name}", FOUR) if r["iteration"] >= start]
-    first, last = curves["joint"][0], curves["joint"][-1]
-    gain = {n: c[-1]["reward"] - c[0]["reward"] for n, c in curves.items()}
-    lines = [f"Stage 2 from iteration {start} for {length} iterations ({' '.join(stage2)}); in-run validation "
-             f"(4 steps) every {every}: held-out reward (validation draws), FD, recall.", "",
-             "| iteration | joint reward | joint FD | joint recall | control reward | control FD | control recall |",
-             "|---|---|---|---|---|---|---|"]
-    for a, b in zip(curves["joint"], curves["control"]):
-        lines.append(f"| {a['iteration']} | {a['reward']:.3f} | {a['fd']:.2f} | {a['recall']:.3f} | {b['reward']:.3f} | "
-                     f"{b['fd']:.2f} | {b['recall']:.3f} |")
-    checks = [_check("joint reward gain / reward-only control's gain", gain["joint"] / gain["control"]
-                     if gain["control"] > 0 else float("-inf"), ">=", 0.5),
-              _check("joint FD at the end / at the start of stage 2", last["fd"] / first["fd"], "<=", 1.1),
-              _check("joint recall at the end - at the start of stage 2", last["recall"] - first["recall"], ">=", -0.05)]
-    return {"curves": curves, "gain": gain, "table": "\n".join(lines)}, checks
-
-
 SUITES = {"teacher": suite_teacher, "guidance": suite_guidance, "toy": suite_toy, "jvp": suite_jvp,
-          "draws": suite_draws, "tangent": suite_tangent, "flash_dmd_efficiency": suite_flash_dmd_efficiency,
-          "flash_dmd_rl": suite_flash_dmd_rl}
+          "draws": suite_draws, "tangent": suite_tangent}
+
+
+def claim_suites() -> dict:
+    """A method project's claim suites, ``<project>_<claim>`` for each entry of its project.yaml
+    ``benchmark.claims``: ``{suite: "module:function", ...settings}``; the function gets the project,
+    the settings and this launcher's helpers (``fit``, ``curve``, ``check``, ``fmt``, ``out``, ``root``) and
+    returns ``(result with a table, checks)`` like any suite."""
+    import importlib
+    from types import SimpleNamespace
+
+    helpers = SimpleNamespace(fit=_fit, curve=_val_curve, check=_check, fmt=_fmt, out=OUT, root=ROOT)
+    suites = {}
+    for name, project in projects("method").items():
+        for claim, settings in project.benchmark.claims.items():
+            module, fn = settings["suite"].split(":")
+
+            def run(args, project=project, settings=settings, module=module, fn=fn):
+                return getattr(importlib.import_module(module), fn)(project, settings, helpers)
+
+            suites[f"{name}_{claim}"] = run
+    return suites
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     methods = projects("method")
-    ap.add_argument("suites", nargs="+", choices=sorted(SUITES) + sorted(methods))
+    suites = {**SUITES, **claim_suites()}
+    ap.add_argument("suites", nargs="+", choices=sorted(suites) + sorted(methods))
     ap.add_argument("--steps", type=int, nargs="+", default=None,
                     help="override the step counts (jvp: the sequence lengths)")
     ap.add_argument("--repeats", type=int, default=3, help="jvp: child processes per configuration")
@@ -544,11 +488,11 @@ def main(argv=None) -> int:
     failed = []
     for name in args.suites:
         t0 = time.time()
-        result, checks = SUITES[name](args) if name in SUITES else _project_suite(methods[name], args)
+        result, checks = suites[name](args) if name in suites else _project_suite(methods[name], args)
         result.update(checks=checks, seconds=round(time.time() - t0, 1),
                       command=f"python launchers/benchmark.py {name}")
         tag = name + "".join(f"_{k}-{'-'.join(map(str, getattr(args, k)))}" for k in ("presets", "seeds")
-                             if name not in SUITES and getattr(args, k))
+                             if name not in suites and getattr(args, k))
         (OUT / f"{tag}.json").write_text(json.dumps(result, indent=2))
         print(f"\n## {name}\n\n{result['table']}\n")
         for c in checks:

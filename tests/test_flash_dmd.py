@@ -211,3 +211,40 @@ def test_the_shipped_reward_scores_real_digits_above_degraded_ones_and_not_one_c
     blind = class_blindness(net, x, y)
     assert blind["quality_gap"] > 5 and blind["class_spread"] < 0.1 * blind["quality_gap"], blind
     assert pairwise_accuracy(net, x) >= 0.9
+
+
+def test_the_efficiency_claim_reads_the_first_validation_at_the_baselines_final_fd(tmp_path):
+    """projects/flash_dmd/claims.py on recorded curves (no fits): the iteration ratio, the pro-rata wall
+    clock, and a miss when Flash-DMD never gets there."""
+    from types import SimpleNamespace
+
+    from common.project_index import ROOT, projects
+    from projects.flash_dmd import claims
+
+    curves = {"efficiency_baseline": [{"iteration": 25 * i, "fd": 100.0 - 3 * i} for i in range(1, 21)],
+              "efficiency_flash": [{"iteration": 25 * i, "fd": 90.0 - 6 * i} for i in range(1, 21)]}
+    calls = []
+
+    def fit(name, config, overrides, resume_from=None):
+        calls.append((name, config, overrides))
+        return [{"fit_seconds": 500.0 if "baseline" in name else 400.0}]
+
+    def check(name, value, op, bound):
+        return {"check": name, "value": value, "ok": value <= bound if op == "<=" else value >= bound}
+
+    h = SimpleNamespace(fit=fit, curve=lambda d, steps: curves[d.name], check=check, fmt=lambda v, nd=2: str(v),
+                        out=tmp_path, root=ROOT)
+    project = projects("method")["flash_dmd"]
+    res, checks = claims.efficiency(project, {"baseline": "dmd2"}, h)
+    # DMD2's final FD 40; Flash-DMD first at or under it at 25 * 9 = 225 of DMD2's 500 iterations
+    assert res["target_fd"] == 40.0 and res["hit_iteration"] == 225
+    assert res["iteration_ratio"] == pytest.approx(225 / 500) and checks[0]["ok"]
+    from common.config import load_config
+
+    n_flash = load_config(str(project.config))["run"]["iterations"]
+    assert res["wall_ratio"] == pytest.approx(400 * 225 / n_flash / 500)  # Flash-DMD's fit, pro rata
+    assert [c[1] for c in calls] == ["projects/dmd2/config.yaml", "projects/flash_dmd/config.yaml"]
+    assert all("trainer.val_check_interval=25" in c[2] for c in calls)
+    curves["efficiency_flash"] = [{"iteration": 25 * i, "fd": 60.0} for i in range(1, 21)]
+    res, checks = claims.efficiency(project, {"baseline": "dmd2"}, h)
+    assert res["hit_iteration"] is None and not checks[0]["ok"]
