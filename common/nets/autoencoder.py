@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.nets.recipe import recipe_main, train_small
-from common.teachers.embedded import build_net, file_sha256, load_weights
+from common.nets.recipe import load_shipped, recipe_main, train_small
 
 WEIGHTS = {"mnist_ae": Path(__file__).parent / "weights" / "mnist_ae.pt"}
 
@@ -64,14 +63,8 @@ class ConvAutoencoder(nn.Module):
 def load_encoder(name_or_path: str = "mnist_ae") -> tuple[Encoder, dict]:
     """The frozen encoder of a shipped (``mnist_ae``) or given autoencoder weights file, and its source
     ``{"path", "sha256"}`` (a frozen role identified by file is not stored in checkpoints)."""
-    path = WEIGHTS.get(name_or_path, Path(name_or_path))
-    ckpt = load_weights(path)
-    net = build_net(ckpt["net"])
-    if not isinstance(net, ConvAutoencoder):
-        raise ValueError(f"{path} holds a {type(net).__name__}, not a ConvAutoencoder")
-    net.load_state_dict(ckpt["state_dict"])
-    enc = net.encoder.eval().requires_grad_(False)
-    return enc, {"path": str(path), "sha256": file_sha256(path)}
+    net, source = load_shipped(WEIGHTS, name_or_path, ConvAutoencoder)
+    return net.encoder.eval().requires_grad_(False), source
 
 
 def train(out: str, steps: int = 1500, batch_size: int = 64, lr: float = 1e-3, seed: int = 0) -> dict:

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from common.teachers.embedded import build_net, save_weights
+from common.teachers.embedded import build_net, file_sha256, load_weights, save_weights
 
 
 def train_small(spec: dict, loss: Callable[[nn.Module, torch.Generator], Tensor], out: str, *, steps: int,
@@ -43,6 +43,20 @@ def train_small(spec: dict, loss: Callable[[nn.Module, torch.Generator], Tensor]
             meta.update(evaluate(net))
     save_weights(out, spec, net.state_dict(), meta)
     return meta
+
+
+def load_shipped(weights: dict, name_or_path: str, cls: type) -> tuple[nn.Module, dict]:
+    """The network of a shipped (a name in ``weights``) or given weights file, checked to be a ``cls``,
+    and its source ``{"path", "sha256"}``; the caller freezes what it uses."""
+    from pathlib import Path
+
+    path = weights.get(name_or_path, Path(name_or_path))
+    ckpt = load_weights(path)
+    net = build_net(ckpt["net"])
+    if not isinstance(net, cls):
+        raise ValueError(f"{path} holds a {type(net).__name__}, not a {cls.__name__}")
+    net.load_state_dict(ckpt["state_dict"])
+    return net, {"path": str(path), "sha256": file_sha256(path)}
 
 
 def recipe_main(doc: str, default_out: str, default_steps: int, train: Callable[..., dict]) -> None:

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.nets.recipe import recipe_main, train_small
-from common.teachers.embedded import build_net, file_sha256, load_weights
+from common.nets.recipe import load_shipped, recipe_main, train_small
 
 WEIGHTS = {"mnist_reward": Path(__file__).parent / "weights" / "reward.pt"}
 DEGRADATIONS = ("blur", "speckle", "broken", "thick", "thin")
@@ -103,13 +102,8 @@ def noised_pairs(x: Tensor, g: torch.Generator, s_max: float = 0.9):
 
 def load_reward(name_or_path: str = "mnist_reward") -> tuple[NoisyReward, dict]:
     """The frozen reward network of a shipped or given weights file, and its source ``{"path", "sha256"}``."""
-    path = WEIGHTS.get(name_or_path, Path(name_or_path))
-    ckpt = load_weights(path)
-    net = build_net(ckpt["net"])
-    if not isinstance(net, NoisyReward):
-        raise ValueError(f"{path} holds a {type(net).__name__}, not a NoisyReward")
-    net.load_state_dict(ckpt["state_dict"])
-    return net.eval().requires_grad_(False), {"path": str(path), "sha256": file_sha256(path)}
+    net, source = load_shipped(WEIGHTS, name_or_path, NoisyReward)
+    return net.eval().requires_grad_(False), source
 
 
 @torch.no_grad()
