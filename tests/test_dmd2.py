@@ -209,3 +209,30 @@ def test_grad_cosines_are_the_cosine_of_the_two_terms_gradients_at_each_step(tin
     assert float(cos["student/grad_cos_k2"]) == pytest.approx(want, rel=1e-4, abs=1e-6)
     assert abs(want) > 1e-4  # the two terms pull in measurably related or opposed directions
     assert all(-1 <= float(v) <= 1 for v in cos.values())
+
+
+def test_the_grad_conflict_figure_reads_the_logged_cosines_per_iteration_and_step(tmp_path):
+    """projects/dmd2/claims.py on a recorded metrics.csv (no fit): rows at the iterations that logged
+    cosines (0-based, the row's progress/iteration less one), their mean per step k, and the run's
+    overrides (the probe on, logging every iteration)."""
+    from types import SimpleNamespace
+
+    from common.project_index import ROOT, projects
+    from projects.dmd2 import claims
+
+    run = tmp_path / "grad_conflict"
+    run.mkdir()
+    header = "progress/iteration,student/loss,student/grad_cos_k1,student/grad_cos_k2\n"
+    (run / "metrics.csv").write_text(header + "25,0.1,,\n26,0.2,0.5,-0.25\n27,0.1,,\n76,0.3,-0.1,0.75\n")
+    calls = []
+    h = SimpleNamespace(fit=lambda name, cfg, ov: calls.append((name, cfg, ov)), out=tmp_path, root=ROOT,
+                        fmt=lambda v, nd=2: "-" if v is None else f"{v:.{nd}f}")
+    res, checks = claims.grad_conflict(projects("method")["dmd2"], {"every": 25}, h)
+    assert [r["iteration"] for r in res["rows"]] == [25, 75] and res["rows"][1]["cos"] == {1: -0.1, 2: 0.75}
+    assert res["mean"] == {1: pytest.approx(0.2), 2: pytest.approx(0.25)} and checks == []
+    assert calls == [("grad_conflict", "projects/dmd2/config.yaml",
+                      ["module.grad_cos_every=25", "trainer.log_every_n_steps=1"])]
+    assert "| 75 | -0.100 | 0.750 |" in res["table"]
+    (run / "metrics.csv").write_text(header + "25,0.1,,\n")
+    with pytest.raises(SystemExit, match="no gradient cosine"):
+        claims.grad_conflict(projects("method")["dmd2"], {"every": 25}, h)

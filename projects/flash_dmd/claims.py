@@ -63,7 +63,9 @@ def rl(project, settings: dict, h):
     every = max(length // 10, 1)
     stage2 = [*settings.get("overrides", ["module.rl_mode=step_dpo"]), f"module.rl_start={start}"]
     val = [f"trainer.val_check_interval={every}", f"validation.steps=[{FOUR}]"]
-    h.fit("rl_stage1", cfg, [*stage2, *val, f"run.iterations={start}"])
+    # stage 1 validated once, at its end (the start of stage 2 is the runs' first row)
+    h.fit("rl_stage1", cfg, [*stage2, f"trainer.val_check_interval={start}", f"validation.steps=[{FOUR}]",
+                             f"run.iterations={start}"])
     curves = {}
     for name, extra in (("joint", []), ("control", ["module.rl_distill=false"])):
         h.fit(f"rl_{name}", cfg, [*stage2, *extra, *val, f"run.iterations={start + length}"],
